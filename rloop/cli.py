@@ -1,0 +1,130 @@
+"""The `rloop` command line.
+
+    rloop run FILE [--store URI]        run (or resume) an RLoopRun locally, then print a table and write a report
+    rloop stage KIND --run URI [...]    run one stage (what Kubernetes Jobs execute)
+    rloop status RUN                    committed stages and the next ones
+    rloop report RUN [RUN ...]          report.md + plots (several runs are compared)
+    rloop validate FILE                 check a manifest and print the resolved spec
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from rloop.stages.common import EXIT_INVALID_INPUT
+
+
+def _cmd_run(args) -> int:
+    from rloop.report import collect, iteration_table, write_report
+    from rloop.runner import DEFAULT_STORE, RunFailed, run_local
+    from rloop.spec import load_run
+
+    run = load_run(args.file)
+    store_uri = args.store or run.spec.storage.uri or DEFAULT_STORE
+    try:
+        res = run_local(run, store_uri)
+    except RunFailed as err:
+        print(f"rloop run: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nrloop run: interrupted; committed stages are kept, run the same command to resume", file=sys.stderr)
+        return 130
+    print(f"\nRun {run.metadata.name} ({run.spec.mode}) finished in {res.seconds:.1f}s "
+          f"({len(res.ran)} stages run now, the rest were already committed)")
+    print(iteration_table(collect(res.store)))
+    if not args.no_report:
+        print(f"report: {write_report([res.store])}")
+    return 0
+
+
+def _cmd_stage(args) -> int:
+    from rloop.plan import Stage
+    from rloop.stages import run_stage
+
+    if args.kind in ("init",) and (args.iteration is not None or args.set):
+        print("rloop stage init takes no --iteration/--set", file=sys.stderr)
+        return EXIT_INVALID_INPUT
+    if args.kind == "eval" and not args.set:
+        print("rloop stage eval needs --set NAME (one of data.eval[].name)", file=sys.stderr)
+        return EXIT_INVALID_INPUT
+    if args.kind not in ("init", "eval") and args.iteration is None:
+        print(f"rloop stage {args.kind} needs --iteration K", file=sys.stderr)
+        return EXIT_INVALID_INPUT
+    return run_stage(args.run, Stage(args.kind, args.iteration, args.set))
+
+
+def _cmd_status(args) -> int:
+    from rloop.plan import all_stages, plan
+    from rloop.runner import resolve_run
+    from rloop.spec import parse_run
+
+    store = resolve_run(args.run, args.store)
+    spec = parse_run(store.read_spec()).spec
+    stages = all_stages(spec)
+    committed = store.committed([s.id for s in stages])
+    p = plan(spec, committed)
+    out = {"run": store.uri, "mode": spec.mode, "done": p.done, "total": p.total, "finished": p.finished,
+           "next": [s.id for s in p.ready],
+           "stages": {s.id: ("committed" if s.id in committed else "pending") for s in stages}}
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from rloop.report import write_report
+    from rloop.runner import resolve_run
+
+    print(write_report([resolve_run(r, args.store) for r in args.runs]))
+    return 0
+
+
+def _cmd_validate(args) -> int:
+    from rloop.spec import load_run
+
+    print(json.dumps(load_run(args.file).to_wire(), indent=1))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rloop", description="RLoop: RL with verifiable rewards + iterative RFT")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run or resume an RLoopRun on this machine")
+    r.add_argument("file", help="RLoopRun manifest (YAML)")
+    r.add_argument("--store", help="store root (local dir or s3://bucket/prefix); default spec.storage.uri or ./rloop-runs")
+    r.add_argument("--no-report", action="store_true", help="skip report.md and plots")
+    r.set_defaults(fn=_cmd_run)
+    s = sub.add_parser("stage", help="run one stage (used by Kubernetes Jobs and the local runner)")
+    s.add_argument("kind", choices=["init", "rl", "rollout", "verify", "rft", "eval"])
+    s.add_argument("--run", required=True, help="run URI: <store>/<namespace>/<name>")
+    s.add_argument("--iteration", type=int, help="iteration k (omit for base-policy stages)")
+    s.add_argument("--set", help="eval set name (eval only)")
+    s.set_defaults(fn=_cmd_stage)
+    st = sub.add_parser("status", help="show committed and next stages")
+    st.add_argument("run", help="run URI/directory, manifest file, or run name")
+    st.add_argument("--store", help="store root for a bare run name")
+    st.set_defaults(fn=_cmd_status)
+    rp = sub.add_parser("report", help="write report.md and plots")
+    rp.add_argument("runs", nargs="+", help="runs to include (URI/directory, manifest, or name); first gets the report")
+    rp.add_argument("--store", help="store root for bare run names")
+    rp.set_defaults(fn=_cmd_report)
+    v = sub.add_parser("validate", help="validate a manifest and print the resolved spec")
+    v.add_argument("file")
+    v.set_defaults(fn=_cmd_validate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rloop.spec import SpecError
+    from rloop.store import StoreError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except SpecError as err:
+        print(f"rloop: invalid RLoopRun:\n{err}", file=sys.stderr)
+        return EXIT_INVALID_INPUT
+    except StoreError as err:
+        print(f"rloop: {err}", file=sys.stderr)
+        return 1

@@ -1,0 +1,91 @@
+"""The transformers backend: batched `generate` with sampling, stop strings and logprobs."""
+
+from __future__ import annotations
+
+import torch
+
+from rloop.rollout import Completion, PromptResult, SamplingParams
+
+
+class HFEngine:
+    """Samples from an in-memory transformers model (shared with the trainer, so syncing is free).
+
+    `batch_size` bounds how many sequences (prompts x n) go through generate() at once.
+    """
+
+    def __init__(self, model, tokenizer, batch_size: int = 256, add_special_tokens: bool = True):
+        self.model, self.tok = model, tokenizer
+        self.batch_size = batch_size
+        self.add_special_tokens = add_special_tokens
+
+    def update_weights(self, model) -> None:
+        self.model = model
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], params: SamplingParams) -> list[PromptResult]:
+        results = [
+            PromptResult(p, self.tok(p, add_special_tokens=self.add_special_tokens)["input_ids"]) for p in prompts
+        ]
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        per_chunk = max(1, self.batch_size // params.n)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for i in range(0, len(results), per_chunk):
+                self._generate_chunk(results[i : i + per_chunk], params)
+        finally:
+            self.model.train(was_training)
+        return results
+
+    def _generate_chunk(self, chunk: list[PromptResult], params: SamplingParams) -> None:
+        dev = next(self.model.parameters()).device
+        pad, eos = self.tok.pad_token_id, self.tok.eos_token_id
+        # Left-pad prompts so every sequence's generation starts at the same column.
+        width = max(len(r.prompt_token_ids) for r in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for row, r in enumerate(chunk):
+            ids[row, width - len(r.prompt_token_ids) :] = torch.tensor(r.prompt_token_ids)
+            attn[row, width - len(r.prompt_token_ids) :] = 1
+        out = self.model.generate(
+            input_ids=ids.to(dev),
+            attention_mask=attn.to(dev),
+            do_sample=True,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=0,
+            max_new_tokens=params.max_tokens,
+            num_return_sequences=params.n,
+            pad_token_id=pad,
+            eos_token_id=eos,
+            stop_strings=list(params.stop) or None,
+            tokenizer=self.tok if params.stop else None,
+            return_dict_in_generate=True,
+            output_logits=True,
+        )
+        new = out.sequences[:, width:].cpu()  # [len(chunk)*n, T]
+        # Sampling logprobs under the same temperature the sampler used. [B, T, V] -> [B, T]
+        logits = torch.stack(out.logits, dim=1).float().cpu() / params.temperature
+        lp = torch.log_softmax(logits, dim=-1).gather(-1, new[:, : logits.shape[1]].unsqueeze(-1)).squeeze(-1)
+        for j in range(new.shape[0]):
+            r = chunk[j // params.n]
+            r.completions.append(self._completion(new[j].tolist(), lp[j].tolist(), params))
+
+    def _completion(self, tokens: list[int], logprobs: list[float], params: SamplingParams) -> Completion:
+        eos, pad = self.tok.eos_token_id, self.tok.pad_token_id
+        finish = "length"
+        keep = len(tokens)
+        for t, tid in enumerate(tokens):
+            if tid == eos:
+                keep, finish = t + 1, "stop"
+                break
+            if tid == pad and pad != eos:  # padding after a stop string ended this sequence
+                keep, finish = t, "stop"
+                break
+        tokens, logprobs = tokens[:keep], logprobs[:keep]
+        text = self.tok.decode([t for t in tokens if t != eos], skip_special_tokens=True)
+        for s in params.stop:
+            if s in text:
+                text, finish = text[: text.index(s)], "stop"
+        return Completion(text, tokens, logprobs, finish)

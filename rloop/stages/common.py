@@ -1,0 +1,148 @@
+"""What every stage needs: its run's spec and store, inputs read only through validated manifests,
+prompt rendering, scoring, parquet/JSON helpers, and the exit-code contract."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from rloop.plan import Stage
+from rloop.spec import DatasetSpec, RLoopRun, SpecError, parse_run
+from rloop.store import CorruptArtifact, RunStore
+
+# Exit codes: a contract with both executors (the operator maps them onto podFailurePolicy).
+EXIT_OK = 0
+EXIT_INVALID_INPUT = 2  # bad spec, data or arguments: retrying cannot help, fail the run
+EXIT_CORRUPT_INPUT = 75  # an input artifact failed its manifest; it was invalidated, so a retry re-plans
+# anything else (1 from an uncaught exception, 137 from OOM-kill, ...) is retryable
+
+
+class InputError(ValueError):
+    """Bad user input discovered while running a stage (maps to EXIT_INVALID_INPUT)."""
+
+
+@dataclass
+class StageContext:
+    store: RunStore
+    run: RLoopRun
+    stage: Stage
+
+    @classmethod
+    def open(cls, run_uri: str, stage: Stage) -> StageContext:
+        store = RunStore.from_uri(run_uri)
+        try:
+            run = parse_run(store.read_spec())
+        except SpecError as err:
+            raise InputError(f"{run_uri}/spec.json is not a valid RLoopRun:\n{err}") from None
+        return cls(store, run, stage)
+
+    @property
+    def spec(self):
+        return self.run.spec
+
+    @property
+    def iteration(self) -> int:
+        if self.stage.iteration is None:
+            raise InputError(f"stage {self.stage.kind} needs --iteration")
+        return self.stage.iteration
+
+    # ------------------------------------------------------------------------------ inputs
+    def input_manifest(self, stage_id: str):
+        """Deep-validate an input stage. A corrupt input is invalidated (its manifest moved aside) so the
+        planner re-runs its producer; this stage then exits with EXIT_CORRUPT_INPUT."""
+        try:
+            return self.store.validate(stage_id, deep=True)
+        except CorruptArtifact:
+            mpath = f"{stage_id}/_COMMIT.json"
+            if self.store.exists(mpath):
+                self.store.fs.mv(self.store.path(mpath), self.store.path(mpath + ".corrupt"))
+            raise
+
+    def policy_dir(self, policy_path: str) -> Path:
+        """Local directory of a committed policy (`iter-000/rft/policy` style path)."""
+        stage_id, rel = policy_path.rsplit("/", 1)
+        return self.store.local_dir(stage_id, rel, manifest=self.input_manifest(stage_id))
+
+    def read_parquet(self, stage_id: str, rel: str) -> list[dict[str, Any]]:
+        import pyarrow.parquet as pq
+
+        m = self.input_manifest(stage_id)
+        with self.store.open_verified(stage_id, rel, m) as f:
+            return pq.read_table(io.BytesIO(f.read())).to_pylist()
+
+    def read_json(self, stage_id: str, rel: str) -> Any:
+        m = self.input_manifest(stage_id)
+        with self.store.open_verified(stage_id, rel, m) as f:
+            return json.loads(f.read())
+
+    @cached_property
+    def use_chat_template(self) -> bool:
+        return self.spec.model.chat_template
+
+    def render(self, example, tokenizer) -> str:
+        """Prompt text fed to the policy: chat template (instruct models) or `data.promptTemplate`."""
+        if self.use_chat_template and getattr(tokenizer, "chat_template", None):
+            messages = list(example.messages or [{"role": "user", "content": example.prompt}])
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.spec.data.prompt_template.format(prompt=example.prompt)
+
+
+def load_dataset(ds: DatasetSpec, what: str):
+    """Examples of a train or eval set; data problems become InputError naming the field."""
+    from rloop.data import DataError, load_examples
+    from rloop.data.synthetic import make_split
+
+    try:
+        if ds.synthetic is not None:
+            examples = make_split(ds.synthetic.split, ds.synthetic.size, ds.synthetic.seed)
+        else:
+            examples = load_examples(ds.path, fmt=ds.format, prompt_key=ds.prompt_key, answer_key=ds.answer_key)
+    except (DataError, ValueError, FileNotFoundError) as err:
+        raise InputError(f"{what}: {err}") from None
+    examples = examples[: ds.limit] if ds.limit else examples
+    if not examples:
+        raise InputError(f"{what}: the data set is empty")
+    return examples
+
+
+def make_scorer(spec):
+    """(responses, examples) -> scores, via the configured verifier."""
+    from rloop.verify import score_batch
+
+    def score(responses: list[str], examples: list) -> list[float | None]:
+        rows = [{**e.extra, "prompt": e.prompt} for e in examples]
+        return score_batch(spec.verifier.name, responses, [e.answer for e in examples], rows,
+                           timeout_s=spec.verifier.timeout_seconds)
+
+    return score
+
+
+def parquet_bytes(rows: Iterable[dict[str, Any]]) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(list(rows)), buf)
+    return buf.getvalue()
+
+
+def write_termination_message(summary: dict[str, Any]) -> None:
+    """Kubernetes reads a finished pod's termination message (max 4 KiB): the operator gets the stage
+    summary from there without store credentials. Off unless RLOOP_TERMINATION_LOG is set."""
+    path = os.environ.get("RLOOP_TERMINATION_LOG")
+    if not path:
+        return
+    text = json.dumps(summary, separators=(",", ":"), default=float)
+    if len(text) > 4000:
+        text = json.dumps({k: v for k, v in summary.items() if isinstance(v, int | float | str)})[:4000]
+    try:
+        Path(path).write_text(text)
+    except OSError as err:  # never fail a committed stage over a status nicety
+        print(f"rloop: could not write termination message: {err}", file=sys.stderr)

@@ -1,0 +1,87 @@
+"""`init`: materialise the base policy P_0 at `base/init/policy`.
+
+`builtin:tiny` builds the tiny model and warms it up with SFT on synthetic pairs; the result is
+deterministic from its settings, so it is cached under `<store>/_cache/` and reused by every run
+with the same settings (the vanilla-RL baseline and the RLoop run start from the same P_0).
+A path or URI is loaded with `from_pretrained` and saved into the run, so the run is self-contained.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from pathlib import Path
+
+from tqdm import tqdm
+
+from rloop.stages.common import InputError, StageContext
+
+
+def _tiny_cache_key(ctx: StageContext) -> str:
+    cfg = ctx.spec.model.tiny.to_wire()
+    return "tiny-" + hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def build_warm_tiny(cfg, out_dir: Path, progress: bool = True) -> dict:
+    """Random-init tiny model + SFT warm-up on fresh synthetic pairs every step; saved to out_dir."""
+    from rloop.data.synthetic import warmup_pairs
+    from rloop.policy import build_tiny, save_policy
+    from rloop.train.sft import sft_train
+
+    model, tok = build_tiny(cfg)
+    bar = tqdm(total=cfg.warmup_steps, desc="warm-up", unit="step", disable=not progress, leave=False)
+
+    def batch(step: int):
+        return warmup_pairs(cfg.warmup_batch_size, seed=cfg.seed * 1_000_003 + step)
+
+    def tick(step: int, loss: float) -> None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}")
+
+    res = sft_train(model, tok, batch, steps=cfg.warmup_steps, batch_size=cfg.warmup_batch_size, lr=cfg.warmup_lr,
+                    seed=cfg.seed, on_step=tick)
+    bar.close()
+    save_policy(model, tok, out_dir)
+    return {"warmup_first_loss": res.first_loss, "warmup_last_loss": res.last_loss,
+            "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def run(ctx: StageContext) -> dict:
+    from rloop.policy import load_policy, save_policy
+    from rloop.store import RunStore
+
+    base = ctx.spec.model.base
+    with ctx.store.stage_writer(ctx.stage.id) as w, tempfile.TemporaryDirectory() as tmp:
+        if base == "builtin:tiny":
+            cache = RunStore(ctx.store.root_uri, "_cache", _tiny_cache_key(ctx))
+            if cache.is_committed("base/init", deep=True):
+                m = cache.validate("base/init", deep=False)
+                w.put_dir("policy", cache.local_dir("base/init", "policy", manifest=m))
+                summary = {**m.summary, "cache": "hit"}
+            else:
+                summary = build_warm_tiny(ctx.spec.model.tiny, Path(tmp) / "policy")
+                with cache.stage_writer("base/init") as cw:
+                    cw.put_dir("policy", Path(tmp) / "policy")
+                    cw.commit(summary)
+                w.put_dir("policy", Path(tmp) / "policy")
+                summary = {**summary, "cache": "miss"}
+        else:
+            src = Path(base)
+            if base.startswith("s3://"):
+                import fsspec
+
+                fs, _ = fsspec.core.url_to_fs(base)
+                fs.get(base.rstrip("/") + "/", str(Path(tmp) / "src"), recursive=True)
+                src = Path(tmp) / "src"
+            if not (src / "config.json").exists():
+                raise InputError(
+                    f"model.base {base!r}: no config.json there; point it at a save_pretrained directory "
+                    "(model + tokenizer) or use 'builtin:tiny'"
+                )
+            model, tok = load_policy(src, ctx.spec.model.dtype)
+            save_policy(model, tok, Path(tmp) / "policy")
+            w.put_dir("policy", Path(tmp) / "policy")
+            summary = {"parameters": sum(p.numel() for p in model.parameters())}
+        w.commit(summary)
+    return summary

@@ -1,0 +1,60 @@
+"""`rollout`: fresh samples on the train prompts from every checkpoint the RL stage saved
+(the pool variant `loop.pool.source: checkpoints`). Output rows have the pool's columns."""
+
+from __future__ import annotations
+
+from tqdm import tqdm
+
+from rloop.stages.common import InputError, StageContext, load_dataset, make_scorer, parquet_bytes
+
+
+def sample_and_score(ctx: StageContext, model, tok, examples, *, n: int, temperature: float, top_p: float,
+                     max_tokens: int, seed: int, desc: str) -> list[dict]:
+    """n scored samples per example (rows: prompt_id, prompt, sample, response, score, correct, ...)."""
+    from rloop.rollout import SamplingParams, make_engine
+
+    engine = make_engine("hf", model, tok, add_special_tokens=not ctx.spec.model.chat_template)
+    score = make_scorer(ctx.spec)
+    rows: list[dict] = []
+    chunk = max(1, 256 // n)
+    for i in tqdm(range(0, len(examples), chunk), desc=desc, unit="batch", leave=False):
+        batch = examples[i : i + chunk]
+        results = engine.generate([ctx.render(e, tok) for e in batch], SamplingParams(
+            n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=tuple(ctx.spec.loop.rl.stop),
+            seed=seed + i))
+        flat = [(e, r, j, c) for e, r in zip(batch, results, strict=True) for j, c in enumerate(r.completions)]
+        scores = score([c.text for *_, c in flat], [e for e, *_ in flat])
+        rows += [
+            {"prompt_id": e.id, "prompt": r.prompt, "sample": j, "response": c.text, "score": s,
+             "correct": s is not None and s >= 1.0, "response_tokens": len(c.token_ids),
+             "finish_reason": c.finish_reason, "ground_truth": e.answer}
+            for (e, r, j, c), s in zip(flat, scores, strict=True)
+        ]
+    return rows
+
+
+def run(ctx: StageContext) -> dict:
+    from rloop.policy import load_policy
+
+    spec, k = ctx.spec, ctx.iteration
+    rl_id = f"iter-{k:03d}/rl"
+    m = ctx.input_manifest(rl_id)
+    steps = sorted({f.path.split("/")[1] for f in m.files if f.path.startswith("checkpoints/")})
+    if not steps:
+        raise InputError(f"{rl_id} saved no checkpoints; loop.pool.source=checkpoints needs loop.pool.checkpointEvery")
+    train = load_dataset(spec.data.train, "data.train")
+    rows: list[dict] = []
+    for ck in steps:
+        model, tok = load_policy(ctx.store.local_dir(rl_id, f"checkpoints/{ck}", manifest=m), spec.model.dtype)
+        step = int(ck.removeprefix("step-"))
+        for r in sample_and_score(ctx, model, tok, train, n=spec.loop.pool.samples_per_prompt,
+                                  temperature=spec.loop.rl.temperature, top_p=spec.loop.rl.top_p,
+                                  max_tokens=spec.loop.rl.max_response_tokens, seed=spec.loop.rl.seed + step,
+                                  desc=f"iter {k} rollout {ck}"):
+            rows.append({**r, "step": step, "checkpoint": ck})
+    summary = {"checkpoints": len(steps), "samples": len(rows),
+               "pass_rate": sum(r["correct"] for r in rows) / len(rows)}
+    with ctx.store.stage_writer(ctx.stage.id) as w:
+        w.put_bytes("samples.parquet", parquet_bytes(rows))
+        w.commit(summary)
+    return summary

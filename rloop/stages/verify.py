@@ -1,0 +1,74 @@
+"""`verify`: pool of scored trajectories → expert set (RLoop's filter) and pool statistics.
+
+Rewards were computed by the verifier during RL (or the rollout stage); this stage applies the
+RLoop filter: correct trajectories of prompts the policy has not mastered (pooled pass rate
+<= filter.maxPassRate), deduplicated, at most filter.maxPerPrompt per prompt.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from typing import Any
+
+from rloop.evaluate import coverage
+from rloop.spec import FilterSpec
+from rloop.stages.common import InputError, StageContext, parquet_bytes
+
+
+def select_experts(pool: list[dict[str, Any]], cfg: FilterSpec) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Pure filter. pool rows need prompt_id, prompt, response, correct (and step)."""
+    by_prompt: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in pool:
+        by_prompt[r["prompt_id"]].append(r)
+    rng = random.Random(cfg.seed)
+    experts: list[dict[str, Any]] = []
+    kept_prompts = mastered = 0
+    for pid in sorted(by_prompt):
+        rows = by_prompt[pid]
+        rate = sum(bool(r["correct"]) for r in rows) / len(rows)
+        if rate > cfg.max_pass_rate:
+            mastered += 1
+            continue
+        cands = [r for r in rows if r["correct"]]
+        if cfg.dedup:
+            seen: dict[str, dict[str, Any]] = {}
+            for r in cands:
+                seen.setdefault(r["response"].strip(), r)
+            cands = list(seen.values())
+        if len(cands) > cfg.max_per_prompt:
+            cands = rng.sample(cands, cfg.max_per_prompt)
+        if cands:
+            kept_prompts += 1
+        experts += [{**r, "pool_pass_rate": rate} for r in cands]
+    stats = {
+        "pool_trajectories": len(pool),
+        "pool_correct": sum(bool(r["correct"]) for r in pool),
+        "pool_prompts": len(by_prompt),
+        "prompts_over_max_pass_rate": mastered,
+        "expert_prompts": kept_prompts,
+        "expert_trajectories": len(experts),
+        "distinct_correct_responses": len({(r["prompt_id"], r["response"].strip()) for r in pool if r["correct"]}),
+    }
+    if pool and "step" in pool[0]:
+        solved: dict[str, list[tuple[int, bool]]] = defaultdict(list)
+        for r in pool:
+            solved[r["prompt_id"]].append((int(r["step"]), bool(r["correct"])))
+        stats |= coverage(solved)
+    return experts, stats
+
+
+def run(ctx: StageContext) -> dict:
+    spec, k = ctx.spec, ctx.iteration
+    if spec.loop.pool.source == "checkpoints":
+        pool = ctx.read_parquet(f"iter-{k:03d}/rollout", "samples.parquet")
+    else:
+        pool = ctx.read_parquet(f"iter-{k:03d}/rl", "pool/trajectories.parquet")
+    if not pool:
+        raise InputError(f"iteration {k}: the trajectory pool is empty")
+    experts, stats = select_experts(pool, spec.loop.filter)
+    with ctx.store.stage_writer(ctx.stage.id) as w:
+        w.put_bytes("expert.parquet", parquet_bytes(experts))
+        w.put_json("stats.json", stats)
+        w.commit(stats)
+    return stats
