@@ -11,7 +11,13 @@ from pathlib import Path
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from rloop.data.synthetic import PROMPT_CHARS
 from rloop.spec import LoraSpec, TinyModel
@@ -56,6 +62,9 @@ def build_tiny(cfg: TinyModel) -> tuple[Qwen2ForCausalLM, PreTrainedTokenizerFas
 
 def load_policy(path: str | Path, dtype: str = "float32"):
     """(model, tokenizer) from a save_pretrained directory, on the default device, in train mode."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the stage's own bar is the one users read
     tok = AutoTokenizer.from_pretrained(str(path))
     if tok.pad_token_id is None:  # many causal LMs ship without a pad token
         tok.pad_token = tok.eos_token

@@ -6,6 +6,7 @@ at any moment and running it again resumes at the first uncommitted stage.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import fcntl
 import os
@@ -39,10 +40,8 @@ class RunResult:
 
 def _die_with_parent() -> None:
     """Child-side: get SIGTERM if the runner dies (even by SIGKILL), so no orphan keeps writing."""
-    try:
+    with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def stage_command(run_uri: str, stage: Stage) -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import sys
 import time
 import traceback
@@ -25,9 +26,17 @@ from rloop.stages.common import (
 from rloop.store import CorruptArtifact, StoreError
 
 
+def _quiet_libraries() -> None:
+    """Stage logs show our progress bars and summaries, not every library's loading bars."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # stages never download: policies come from the store
+
+
 def run_stage(run_uri: str, stage: Stage) -> int:
     """Run one stage in this process; returns the exit code (never raises for expected failures)."""
     t0 = time.time()
+    _quiet_libraries()
     try:
         ctx = StageContext.open(run_uri, stage)
         module = importlib.import_module(f"rloop.stages.{stage.kind}")

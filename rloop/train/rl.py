@@ -190,10 +190,10 @@ class RLTrainer:
             gn = torch.nn.utils.clip_grad_norm_(trainable_parameters(self.model), cfg.max_grad_norm)
             self.opt.step()
             w = mb_tokens / global_tokens
-            stats["loss"] += float(loss)
+            stats["loss"] += loss.item()
             stats["clip_fraction"] += pst["clip_fraction"] * w
             stats["entropy"] += float((ent * mb.response_mask).sum()) / global_tokens
-            stats["kl"] += float(kl) * w
+            stats["kl"] += kl.item() * w
             stats["grad_norm"] += float(gn) / len(chunks)
         stats["trained_responses"] = len(idx)
         return stats

@@ -86,7 +86,7 @@ def sft_train(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable_parameters(model), max_grad_norm)
         opt.step()
-        last = float(loss)
+        last = loss.item()
         if step == 0:
             first = last
         if on_step:
