@@ -119,7 +119,10 @@ def _run_child(cmd: list[str]) -> int:
     try:
         return proc.wait()
     except KeyboardInterrupt:
-        # The child got the same SIGINT from the terminal; give it a moment to exit without committing.
+        # Pass the interrupt on (a terminal Ctrl-C already reached it; `kill -INT` did not), then give the
+        # child a moment to exit without committing.
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGINT)
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:

@@ -80,9 +80,13 @@ class HFEngine:
             if tid == eos:
                 keep, finish = t + 1, "stop"
                 break
-            if tid == pad and pad != eos:  # padding after a stop string ended this sequence
-                keep, finish = t, "stop"
-                break
+            # Padding after a stop string ended this sequence. A pad the model itself sampled (before
+            # any stop string) is an ordinary token: keep it, or text and logprobs would be cut short.
+            if tid == pad and pad != eos and params.stop:
+                so_far = self.tok.decode(tokens[:t], skip_special_tokens=True)
+                if any(s in so_far for s in params.stop):
+                    keep, finish = t, "stop"
+                    break
         tokens, logprobs = tokens[:keep], logprobs[:keep]
         text = self.tok.decode([t for t in tokens if t != eos], skip_special_tokens=True)
         for s in params.stop:

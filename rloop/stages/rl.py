@@ -59,6 +59,7 @@ def run(ctx: StageContext) -> dict:
             "pass_rate_last10pct": _mean(r["pass_rate"] for r in tail),
             "entropy_last": rows[-1]["entropy"],
             "tokens_per_s": _mean(r["tokens_per_s"] for r in rows),
+            "rollout_tokens_per_s": _mean(r["rollout_tokens_per_s"] for r in rows),
             "step_time_s": _mean(sum(v for kk, v in r.items() if kk.startswith("time_")) for r in rows),
         }
         w.commit(summary)

@@ -140,7 +140,8 @@ class RLTrainer:
             "groups_kept": int(keep.sum()),
             "unscorable": len(scores) - len(scored),
             "response_tokens_mean": gen_tokens / len(flat),
-            "tokens_per_s": gen_tokens / max(t.seconds["rollout"], 1e-9),
+            "tokens_per_s": gen_tokens / max(sum(t.seconds.values()), 1e-9),  # whole step: RL throughput
+            "rollout_tokens_per_s": gen_tokens / max(t.seconds["rollout"], 1e-9),
             **upd,
             **{f"time_{k}_s": v for k, v in t.seconds.items()},
         }

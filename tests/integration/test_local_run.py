@@ -1,0 +1,479 @@
+"""End to end through the real CLI: `rloop run` runs every stage as a subprocess on a small config
+derived from examples/tiny.yaml, resumes after SIGKILL/Ctrl-C without redoing committed stages,
+re-runs a stage whose committed output was corrupted, rejects bad input with exit 2, and works
+against a real S3 API (SeaweedFS, see tests/s3harness.py).
+
+Every local run shares one store root, so the tiny base model is built once (`<store>/_cache/`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from rloop.plan import Stage, all_stages, plan
+from rloop.spec import parse_run
+from rloop.store import MANIFEST, RunStore
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "examples" / "tiny.yaml"
+RUN_TIMEOUT_S = 180  # one small run takes well under a minute on 2 cores
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def small_doc(name: str, *, mode: str = "rloop", iterations: int = 2, eval_base: bool = True) -> dict:
+    """examples/tiny.yaml shrunk so that a whole run is seconds per stage."""
+    doc = yaml.safe_load(TINY.read_text())
+    doc["metadata"]["name"] = name
+    s = doc["spec"]
+    s["mode"] = mode
+    s["model"]["tiny"].update(hiddenSize=64, layers=2, warmupSteps=40)
+    s["data"]["train"]["synthetic"]["size"] = 32
+    s["data"]["eval"][0]["synthetic"]["size"] = 16
+    s["data"]["eval"][0]["samplesPerPrompt"] = 4
+    s["loop"]["iterations"] = iterations
+    s["loop"]["rl"].update(steps=4, promptsPerStep=4, samplesPerPrompt=4)
+    s["loop"]["rft"]["maxSteps"] = 4
+    s["loop"]["eval"]["kList"] = [1, 2, 4]
+    s["loop"]["eval"]["evalBase"] = eval_base
+    return doc
+
+
+def write_doc(doc: dict, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def base_env(cache: Path) -> dict[str, str]:
+    """Quiet, single-threaded, offline subprocesses with no ambient S3 settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_", "RLOOP_"))}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", TQDM_DISABLE="1",
+               HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", PYTHONUNBUFFERED="1", RLOOP_CACHE=str(cache))
+    return env
+
+
+def rloop(*args: str, env: dict[str, str], timeout: float = RUN_TIMEOUT_S) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "rloop", *map(str, args)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def explain(proc: subprocess.CompletedProcess) -> str:
+    return f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+
+
+def stage_ids(doc: dict) -> list[str]:
+    return [s.id for s in all_stages(parse_run(doc).spec)]
+
+
+def manifests(run_dir: Path) -> dict[str, str]:
+    """stage id -> the raw text of its commit manifest."""
+    return {str(p.parent.relative_to(run_dir)): p.read_text() for p in run_dir.rglob(MANIFEST)}
+
+
+def wait_for(cond, timeout: float, what: str, proc: subprocess.Popen | None = None):
+    """Poll `cond()` until truthy (returned) or fail; stops early when `proc` exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"runner exited ({proc.returncode}) while waiting for {what}")
+        time.sleep(0.05)
+    pytest.fail(f"timed out after {timeout}s waiting for {what}")
+
+
+def stage_child(runner: subprocess.Popen, kind: str) -> psutil.Process | None:
+    """The runner's `rloop stage <kind>` child, once it has exec'd."""
+    try:
+        children = psutil.Process(runner.pid).children()
+    except psutil.NoSuchProcess:
+        return None
+    for c in children:
+        try:
+            cmd = c.cmdline()
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+        if "stage" in cmd and kind in cmd:
+            return c
+    return None
+
+
+def gone(p: psutil.Process) -> bool:
+    try:
+        return p.status() == psutil.STATUS_ZOMBIE  # reparented and not reaped yet: dead all the same
+    except psutil.NoSuchProcess:
+        return True
+
+
+def start_run(cfg: Path, store: Path, env: dict[str, str], logs: Path, **kw) -> subprocess.Popen:
+    """`rloop run` in the background; output to files (a full pipe would block it)."""
+    out, err = open(logs.with_suffix(".out"), "w"), open(logs.with_suffix(".err"), "w")  # noqa: SIM115
+    try:
+        return subprocess.Popen([sys.executable, "-m", "rloop", "run", str(cfg), "--store", str(store)],
+                                env=env, cwd=ROOT, stdout=out, stderr=err, **kw)
+    finally:
+        out.close()
+        err.close()
+
+
+def assert_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data.startswith(PNG_MAGIC) and len(data) > 1000, path
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.verify()
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("local-run")
+
+
+@pytest.fixture(scope="module")
+def store_root(work) -> Path:
+    return work / "store"
+
+
+@pytest.fixture(scope="module")
+def env(work) -> dict[str, str]:
+    return base_env(work / "cache")
+
+
+@pytest.fixture(scope="module")
+def full_runs(work, store_root, env):
+    """The small config run to completion in mode rloop (A) and mode rl (B)."""
+    out = {}
+    for key, name, mode in (("A", "small", "rloop"), ("B", "small-rl", "rl")):
+        doc = small_doc(name, mode=mode)
+        cfg = write_doc(doc, work / f"{name}.yaml")
+        t0 = time.monotonic()
+        proc = rloop("run", cfg, "--store", store_root, env=env)
+        assert proc.returncode == 0, explain(proc)
+        out[key] = {"doc": doc, "cfg": cfg, "proc": proc, "dir": store_root / "default" / name,
+                    "seconds": time.monotonic() - t0}
+    return out
+
+
+# ------------------------------------------------------------------------------------------ 1. full runs
+def test_full_rloop_run_commits_every_stage(full_runs, store_root):
+    a = full_runs["A"]
+    ids = stage_ids(a["doc"])
+    assert len(ids) == 10  # init, base eval, 2 x (rl, verify, rft, eval)
+    store = RunStore(str(store_root), "default", "small")
+    assert store.committed(ids) == set(ids)
+    for sid in ids:
+        store.validate(sid, deep=True)
+    assert plan(parse_run(a["doc"]).spec, store.committed(ids)).finished
+
+    metrics = json.loads((a["dir"] / "iter-001/eval/heldout/metrics.json").read_text())
+    assert metrics["n"] == 4 and metrics["num_prompts"] == 16
+    assert 0.0 <= metrics["avg_at_n"] <= 1.0
+    assert set(metrics["pass_at_k"]) == {"1", "2", "4"}
+    assert all(0.0 <= v <= 1.0 for v in metrics["pass_at_k"].values())
+    pk = metrics["pass_at_k"]
+    assert pk["1"] <= pk["2"] <= pk["4"]
+
+    for k in range(2):
+        rows = [json.loads(line) for line in (a["dir"] / f"iter-{k:03d}/rl/metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == [0, 1, 2, 3]
+        assert all(0.0 <= r["reward"] <= 1.0 for r in rows)
+
+    report = a["dir"] / "report"
+    assert "# RLoop report: small" in (report / "report.md").read_text()
+    assert_png(report / "train_reward.png")
+    assert_png(report / "eval.png")
+
+    out = a["proc"].stdout
+    assert "Run small (rloop) finished" in out and "10 stages run now" in out
+    assert "| policy |" in out and "heldout pass@4" in out
+    for row in ("| P_0 (base) |", "| iter 0 |", "| iter 1 |"):
+        assert row in out, out
+    assert f"report: {store.uri}/report/report.md" in out
+    assert "[10/10] iter-001/eval/heldout" in a["proc"].stderr
+
+
+def test_rl_mode_runs_only_rl_and_eval(full_runs, store_root):
+    b = full_runs["B"]
+    ids = stage_ids(b["doc"])
+    assert ids == ["base/init", "base/eval/heldout", "iter-000/rl", "iter-000/eval/heldout",
+                   "iter-001/rl", "iter-001/eval/heldout"]
+    store = RunStore(str(store_root), "default", "small-rl")
+    assert store.committed() == set(ids)
+    for sid in ids:
+        store.validate(sid, deep=True)
+    assert not list(b["dir"].glob("iter-*/verify")) and not list(b["dir"].glob("iter-*/rft"))
+    # mode rl evaluates the RL end policy; the base policy came from the shared cache
+    assert json.loads((b["dir"] / "iter-001/eval/heldout/metrics.json").read_text())["policy"] == "iter-001/rl/final"
+    assert json.loads((b["dir"] / "base/init/_COMMIT.json").read_text())["summary"]["cache"] == "hit"
+    assert "Run small-rl (rl) finished" in b["proc"].stdout and "n/a (rl)" in b["proc"].stdout
+
+
+def test_report_compares_two_runs(full_runs, env):
+    a, b = full_runs["A"], full_runs["B"]
+    md = a["dir"] / "report" / "report.md"
+    md.unlink()
+    proc = rloop("report", a["dir"], b["dir"], env=env)
+    assert proc.returncode == 0, explain(proc)
+    assert proc.stdout.strip().endswith("report/report.md")
+    text = md.read_text()
+    assert "# RLoop report: small, small-rl" in text
+    assert "## small (mode `rloop`" in text and "## small-rl (mode `rl`" in text
+    assert_png(a["dir"] / "report" / "train_reward.png")
+    assert_png(a["dir"] / "report" / "eval.png")
+
+
+# ------------------------------------------------------------------------------------------ 5. status
+def test_status_prints_done_total_next(full_runs, env):
+    proc = rloop("status", full_runs["A"]["dir"], env=env)
+    assert proc.returncode == 0, explain(proc)
+    st = json.loads(proc.stdout)
+    assert (st["done"], st["total"], st["next"], st["finished"], st["mode"]) == (10, 10, [], True, "rloop")
+    assert set(st["stages"].values()) == {"committed"}
+    # by manifest file, with the store from the manifest's storage.uri / --store
+    proc = rloop("status", full_runs["B"]["cfg"], "--store", full_runs["B"]["dir"].parent.parent, env=env)
+    assert proc.returncode == 0, explain(proc)
+    assert json.loads(proc.stdout)["total"] == 6
+
+
+# ------------------------------------------------------------------------------------------ 2. resume
+def test_sigkill_mid_stage_then_resume_redoes_nothing(work, store_root, env):
+    doc = small_doc("resume", mode="rl", iterations=1)
+    cfg = write_doc(doc, work / "resume.yaml")
+    run_dir = store_root / "default" / "resume"
+    runner = start_run(cfg, store_root, env, work / "resume-1")
+    try:
+        child = wait_for(lambda: stage_child(runner, "rl"), 120, "the iter-000/rl stage to start", runner)
+        before = manifests(run_dir)
+        runner.send_signal(signal.SIGKILL)
+        runner.wait(timeout=10)
+        # PR_SET_PDEATHSIG: the stage does not outlive the runner
+        wait_for(lambda: gone(child), 20, f"stage child {child.pid} to die after the runner was killed")
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+            runner.wait()
+    assert set(before) == {"base/init", "base/eval/heldout"}
+    assert not (run_dir / "iter-000/rl" / MANIFEST).exists()
+
+    st = json.loads(rloop("status", run_dir, env=env).stdout)
+    assert (st["done"], st["total"], st["next"], st["finished"]) == (2, 4, ["iter-000/rl"], False)
+
+    proc = rloop("run", cfg, "--store", store_root, "--no-report", env=env)
+    assert proc.returncode == 0, explain(proc)
+    assert "2 stages run now" in proc.stdout
+    after = manifests(run_dir)
+    assert set(after) == set(stage_ids(doc))
+    for sid, text in before.items():
+        assert after[sid] == text, f"{sid} was redone"
+    store = RunStore(str(store_root), "default", "resume")
+    for sid in after:
+        store.validate(sid, deep=True)
+
+
+def test_ctrl_c_exits_130_then_resume(work, store_root, env):
+    doc = small_doc("interrupt", mode="rl", iterations=1, eval_base=False)
+    cfg = write_doc(doc, work / "interrupt.yaml")
+    run_dir = store_root / "default" / "interrupt"
+    logs = work / "interrupt-1"
+    runner = start_run(cfg, store_root, env, logs, start_new_session=True)
+    try:
+        child = wait_for(lambda: stage_child(runner, "rl"), 120, "the iter-000/rl stage to start", runner)
+        os.killpg(runner.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        rc = runner.wait(timeout=60)
+        wait_for(lambda: gone(child), 20, "the interrupted stage to exit")
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+            runner.wait()
+    err = logs.with_suffix(".err").read_text()
+    assert rc == 130, err[-4000:]
+    assert "interrupted; committed stages are kept, run the same command to resume" in err
+    before = manifests(run_dir)
+    assert set(before) == {"base/init"}
+
+    proc = rloop("run", cfg, "--store", store_root, "--no-report", env=env)
+    assert proc.returncode == 0, explain(proc)
+    assert "2 stages run now" in proc.stdout
+    after = manifests(run_dir)
+    assert set(after) == set(stage_ids(doc)) and after["base/init"] == before["base/init"]
+
+
+# ------------------------------------------------------------------------------------------ 3. corrupt
+def test_corrupt_policy_is_invalidated_and_rerun(full_runs, work, store_root, env):
+    src = full_runs["A"]
+    run_dir = store_root / "default" / "small-corrupt"
+    shutil.copytree(src["dir"], run_dir)
+    doc = copy.deepcopy(src["doc"])
+    doc["metadata"]["name"] = "small-corrupt"
+    cfg = write_doc(doc, work / "small-corrupt.yaml")
+    before = manifests(run_dir)
+
+    weights = run_dir / "iter-000/rft/policy/model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+
+    uri = str(run_dir)
+    proc = rloop("stage", "eval", "--run", uri, "--iteration", "0", "--set", "heldout", env=env)
+    assert proc.returncode == 75, explain(proc)
+    assert "corrupt input" in proc.stderr and "model.safetensors" in proc.stderr
+    rft = run_dir / "iter-000/rft"
+    assert (rft / f"{MANIFEST}.corrupt").exists() and not (rft / MANIFEST).exists()
+
+    spec = parse_run(doc).spec
+    store = RunStore(str(store_root), "default", "small-corrupt")
+    committed = store.committed(stage_ids(doc))
+    assert "iter-000/rft" not in committed
+    assert Stage("rft", 0) in plan(spec, committed).ready
+
+    proc = rloop("run", cfg, "--store", store_root, "--no-report", env=env)
+    assert proc.returncode == 0, explain(proc)
+    assert "1 stages run now" in proc.stdout and "iter-000/rft" in proc.stderr
+    after = manifests(run_dir)
+    assert set(after) == set(before)
+    old, new = json.loads(before["iter-000/rft"]), json.loads(after["iter-000/rft"])
+    assert new["created"] > old["created"]
+    assert {k: v for k, v in after.items() if k != "iter-000/rft"} == {
+        k: v for k, v in before.items() if k != "iter-000/rft"}
+    for sid in after:
+        store.validate(sid, deep=True)
+
+
+# ------------------------------------------------------------------------------------------ 4. bad input
+def test_unknown_field_is_rejected_with_its_path(work, store_root, env):
+    doc = small_doc("typo")
+    doc["spec"]["loop"]["rl"]["promptsPerStepp"] = 4
+    cfg = write_doc(doc, work / "typo.yaml")
+    proc = rloop("run", cfg, "--store", store_root, env=env, timeout=60)
+    assert proc.returncode == 2, explain(proc)
+    assert "spec.loop.rl.promptsPerStepp: unknown field" in proc.stderr
+    assert not (store_root / "default" / "typo").exists()
+    proc = rloop("validate", cfg, env=env, timeout=60)
+    assert proc.returncode == 2 and "promptsPerStepp" in proc.stderr
+
+
+def test_stage_without_iteration_exits_2(full_runs, env):
+    proc = rloop("stage", "rl", "--run", full_runs["A"]["dir"], env=env, timeout=60)
+    assert proc.returncode == 2, explain(proc)
+    assert "needs --iteration" in proc.stderr
+    proc = rloop("stage", "eval", "--run", full_runs["A"]["dir"], "--iteration", "0", env=env, timeout=60)
+    assert proc.returncode == 2 and "needs --set" in proc.stderr
+
+
+def test_train_file_without_answer_field_exits_2(full_runs, work, store_root, env):
+    bad = work / "bad-train.jsonl"
+    bad.write_text("".join(json.dumps({"prompt": f"{i}+1=", "solution": str(i + 1)}) + "\n" for i in range(4)))
+    doc = small_doc("badfile", iterations=1)
+    s = doc["spec"]
+    s["model"] = {"base": str(full_runs["A"]["dir"] / "base/init/policy")}  # a saved tiny policy
+    s["verifier"] = {"name": "exact"}
+    s["data"] = {"train": {"path": str(bad)}, "eval": []}
+    cfg = write_doc(doc, work / "badfile.yaml")
+
+    # the runner commits init, then the rl stage rejects the data: no retries, the run fails
+    proc = rloop("run", cfg, "--store", store_root, "--no-report", env=env)
+    assert proc.returncode != 0, explain(proc)
+    assert "stage iter-000/rl rejected its input" in proc.stderr, explain(proc)
+    assert "(attempt 2)" not in proc.stderr
+    run_dir = store_root / "default" / "badfile"
+    assert (run_dir / "base/init" / MANIFEST).exists()
+
+    proc = rloop("stage", "rl", "--run", run_dir, "--iteration", "0", env=env)
+    assert proc.returncode == 2, explain(proc)
+    assert "data.train" in proc.stderr and "'answer'" in proc.stderr and "answerKey" in proc.stderr
+    assert not (run_dir / "iter-000/rl" / MANIFEST).exists()
+
+
+def test_changing_an_immutable_field_is_rejected(full_runs, work, store_root, env):
+    doc = copy.deepcopy(full_runs["A"]["doc"])
+    doc["spec"]["loop"]["rl"]["lr"] = 0.01
+    cfg = write_doc(doc, work / "small-lr.yaml")
+    spec_before = (full_runs["A"]["dir"] / "spec.json").read_text()
+    proc = rloop("run", cfg, "--store", store_root, env=env, timeout=60)
+    assert proc.returncode == 2, explain(proc)
+    assert "spec.loop.rl.lr changed since run 'small' started" in proc.stderr
+    assert (full_runs["A"]["dir"] / "spec.json").read_text() == spec_before
+
+
+def test_more_iterations_runs_only_the_new_stages(full_runs, work, store_root, env):
+    src = full_runs["B"]
+    run_dir = store_root / "default" / "small-rl-more"
+    shutil.copytree(src["dir"], run_dir)
+    before = manifests(run_dir)
+    doc = copy.deepcopy(src["doc"])
+    doc["metadata"]["name"] = "small-rl-more"
+    doc["spec"]["loop"]["iterations"] = 3
+    cfg = write_doc(doc, work / "small-rl-more.yaml")
+    proc = rloop("run", cfg, "--store", store_root, "--no-report", env=env)
+    assert proc.returncode == 0, explain(proc)
+    assert "2 stages run now" in proc.stdout and "| iter 2 |" in proc.stdout
+    after = manifests(run_dir)
+    assert set(after) - set(before) == {"iter-002/rl", "iter-002/eval/heldout"}
+    assert all(after[k] == v for k, v in before.items())
+    assert json.loads((run_dir / "spec.json").read_text())["spec"]["loop"]["iterations"] == 3
+
+
+# ------------------------------------------------------------------------------------------ 6. S3
+@pytest.fixture
+def s3_env(seaweedfs, work) -> dict[str, str]:
+    return {**base_env(work / "s3-cache"), **seaweedfs.env()}
+
+
+def test_run_against_s3(seaweedfs, s3_env, work, monkeypatch):
+    import s3fs
+
+    prefix = f"runs-{uuid.uuid4().hex[:8]}"
+    root = f"s3://{seaweedfs.bucket}/{prefix}"
+    doc = small_doc("s3run", iterations=1)
+    cfg = write_doc(doc, work / "s3run.yaml")
+    proc = rloop("run", cfg, "--store", root, env=s3_env)
+    assert proc.returncode == 0, explain(proc)
+    assert "Run s3run (rloop) finished" in proc.stdout and "| iter 0 |" in proc.stdout
+    assert f"report: {root}/default/s3run/report/report.md" in proc.stdout
+
+    fs = s3fs.S3FileSystem(key=seaweedfs.access_key, secret=seaweedfs.secret_key, endpoint_url=seaweedfs.endpoint,
+                           client_kwargs={"region_name": "us-east-1"}, use_listings_cache=False,
+                           skip_instance_cache=True)
+    base = f"{seaweedfs.bucket}/{prefix}/default/s3run"
+    found = {p.removeprefix(base + "/").rsplit("/", 1)[0] for p in fs.glob(f"{base}/**/{MANIFEST}")}
+    assert found == set(stage_ids(doc))
+    assert fs.exists(f"{base}/report/report.md") and fs.exists(f"{base}/spec.json")
+    assert fs.cat(f"{base}/report/eval.png").startswith(PNG_MAGIC)
+    assert fs.exists(f"{seaweedfs.bucket}/{prefix}/_cache")  # the tiny base model is cached in the store
+
+    for k, v in seaweedfs.env().items():
+        monkeypatch.setenv(k, v)
+    store = RunStore(root, "default", "s3run")
+    for sid in found:
+        store.validate(sid, deep=True)
+
+    st = rloop("status", f"{root}/default/s3run", env=s3_env, timeout=60)
+    assert st.returncode == 0, explain(st)
+    assert json.loads(st.stdout)["finished"] is True
+
+
+def test_s3_wrong_credentials_fail_with_a_clear_message(seaweedfs, s3_env, work):
+    env = {**s3_env, "AWS_SECRET_ACCESS_KEY": seaweedfs.secret_key + "x"}
+    cfg = write_doc(small_doc("s3denied", iterations=1), work / "s3denied.yaml")
+    proc = rloop("run", cfg, "--store", f"s3://{seaweedfs.bucket}/denied", env=env, timeout=90)
+    assert proc.returncode != 0, explain(proc)
+    assert "AWS_ACCESS_KEY_ID" in proc.stderr and "credentials" in proc.stderr, explain(proc)
+    assert "Traceback" not in proc.stderr
