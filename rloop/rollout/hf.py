@@ -3,8 +3,27 @@
 from __future__ import annotations
 
 import torch
+from transformers import StoppingCriteria
 
 from rloop.rollout import Completion, PromptResult, SamplingParams
+
+
+class _StopOnStrings(StoppingCriteria):
+    """Ends a sequence once its generated text contains a stop string.
+
+    transformers' own `stop_strings` needs a tokenizer whose vocabulary can spell its probe text
+    ("abcdef"); the built-in character tokenizer cannot, so match on decoded text instead. Only the
+    tail is decoded: a stop string completed at this step lies within its last len(stop) tokens.
+    """
+
+    def __init__(self, tokenizer, stops: tuple[str, ...], prompt_width: int):
+        self.tok, self.stops, self.start = tokenizer, stops, prompt_width
+        self.window = max(len(s) for s in stops) + 4
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        tail = input_ids[:, max(self.start, input_ids.shape[1] - self.window) :]
+        texts = self.tok.batch_decode(tail.tolist(), skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in self.stops) for t in texts], device=input_ids.device)
 
 
 class HFEngine:
@@ -59,8 +78,7 @@ class HFEngine:
             num_return_sequences=params.n,
             pad_token_id=pad,
             eos_token_id=eos,
-            stop_strings=list(params.stop) or None,
-            tokenizer=self.tok if params.stop else None,
+            stopping_criteria=[_StopOnStrings(self.tok, params.stop, width)] if params.stop else None,
             return_dict_in_generate=True,
             output_logits=True,
         )

@@ -9,11 +9,27 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 from rloop.data.synthetic import PROMPT_CHARS
-from rloop.policy import attach_lora, build_tiny, char_tokenizer, load_policy, save_policy, trainable_parameters
+from rloop.policy import (
+    attach_lora,
+    build_tiny,
+    char_tokenizer,
+    load_policy,
+    save_policy,
+    trainable_parameters,
+)
 from rloop.spec import LoraSpec, TinyModel
 
 PROMPT = "38152/09:"
 TINY = TinyModel(hidden_size=32, layers=2, heads=2, seed=0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one intra-op thread, and do not oversubscribe a shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _logits(model, ids: list[int]) -> torch.Tensor:

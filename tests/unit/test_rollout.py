@@ -1,0 +1,134 @@
+"""HFEngine: shape of the output, EOS/stop handling, sampling logprobs vs a teacher-forced pass, seeding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from rloop.policy import build_tiny
+from rloop.rollout import SamplingParams, make_engine
+from rloop.rollout.hf import HFEngine
+from rloop.spec import TinyModel
+from rloop.train.batching import forward_logprobs, pack
+
+# Different lengths on purpose: generation left-pads, the trainer right-pads; both must agree.
+PROMPTS = ["38152/09:", "1/2:", "4", "97531/17:"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one intra-op thread, and do not oversubscribe a shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def policy():
+    model, tok = build_tiny(TinyModel(hidden_size=32, layers=2, heads=2, seed=0))
+    return model, tok
+
+
+def _all(results):
+    return [(r, c) for r in results for c in r.completions]
+
+
+def test_n_completions_per_prompt_in_prompt_order(policy):
+    model, tok = policy
+    eng = make_engine("hf", model, tok, batch_size=6)  # 6 // 3 = 2 prompts per generate() chunk
+    assert isinstance(eng, HFEngine)
+    results = eng.generate(PROMPTS, SamplingParams(n=3, max_tokens=5, seed=0))
+    assert [r.prompt for r in results] == PROMPTS
+    assert [r.prompt_token_ids for r in results] == [tok(p)["input_ids"] for p in PROMPTS]
+    assert all(len(r.completions) == 3 for r in results)
+    with pytest.raises(ValueError, match="unknown rollout engine"):
+        make_engine("nope", model, tok)
+
+
+def test_lengths_eos_and_finish_reason(policy):
+    model, tok = policy
+    eos = tok.eos_token_id
+    results = HFEngine(model, tok).generate(PROMPTS, SamplingParams(n=16, max_tokens=4, seed=1))
+    finishes = set()
+    for _, c in _all(results):
+        assert len(c.token_ids) <= 4
+        assert len(c.logprobs) == len(c.token_ids)
+        assert all(lp <= 0 for lp in c.logprobs)
+        finishes.add(c.finish_reason)
+        if eos in c.token_ids:
+            assert c.finish_reason == "stop"
+            assert c.token_ids.index(eos) == len(c.token_ids) - 1  # EOS kept, and it is the last token
+        else:
+            assert c.finish_reason == "length"
+            assert len(c.token_ids) == 4
+        assert "<eos>" not in c.text and "<pad>" not in c.text
+        assert c.text == tok.decode(c.token_ids, skip_special_tokens=True)
+    assert finishes == {"stop", "length"}  # 64 samples from a random model: both must occur
+
+
+def test_sampling_logprobs_match_teacher_forcing(policy):
+    model, tok = policy
+    results = HFEngine(model, tok).generate(PROMPTS, SamplingParams(n=4, max_tokens=6, seed=2))
+    pairs = [(r.prompt_token_ids, c) for r, c in _all(results) if c.token_ids]
+    batch = pack([p for p, _ in pairs], [c.token_ids for _, c in pairs], tok.pad_token_id)
+    model.eval()
+    with torch.no_grad():
+        lp, _ = forward_logprobs(model, batch)
+    for i, (_, c) in enumerate(pairs):
+        teacher = lp[i][batch.response_mask[i]]
+        torch.testing.assert_close(torch.tensor(c.logprobs), teacher, atol=1e-4, rtol=0)
+
+
+def test_temperature_scales_sampling_logprobs(policy):
+    model, tok = policy
+    results = HFEngine(model, tok).generate(["38152/09:"], SamplingParams(n=4, max_tokens=4, temperature=0.5, seed=3))
+    comps = [c for _, c in _all(results) if c.token_ids]
+    batch = pack([results[0].prompt_token_ids] * len(comps), [c.token_ids for c in comps], tok.pad_token_id)
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1] / 0.5
+    lp = torch.log_softmax(logits, -1).gather(-1, batch.targets.unsqueeze(-1)).squeeze(-1)
+    for i, c in enumerate(comps):
+        torch.testing.assert_close(torch.tensor(c.logprobs), lp[i][batch.response_mask[i]], atol=1e-4, rtol=0)
+
+
+def test_same_seed_same_samples(policy):
+    model, tok = policy
+    eng = HFEngine(model, tok)
+    params = SamplingParams(n=4, max_tokens=6, seed=7)
+    a = [c.token_ids for _, c in _all(eng.generate(PROMPTS, params))]
+    b = [c.token_ids for _, c in _all(eng.generate(PROMPTS, params))]
+    c = [c.token_ids for _, c in _all(eng.generate(PROMPTS, SamplingParams(n=4, max_tokens=6, seed=8)))]
+    assert a == b
+    assert a != c
+
+
+def test_generate_restores_train_mode(policy):
+    model, tok = policy
+    model.train()
+    HFEngine(model, tok).generate(["1/2:"], SamplingParams(n=2, max_tokens=2, seed=0))
+    assert model.training
+
+
+def test_stop_strings_truncate_text(policy):
+    model, tok = policy
+    eng = HFEngine(model, tok)
+    base = eng.generate(PROMPTS, SamplingParams(n=8, max_tokens=8, seed=4))
+    # pick a character that occurs inside some unstopped completion, then stop on it
+    stop = next(ch for _, c in _all(base) for ch in c.text[1:] if ch.isdigit())
+    results = eng.generate(PROMPTS, SamplingParams(n=8, max_tokens=8, seed=4, stop=(stop,)))
+    stopped = 0
+    for _, c in _all(results):
+        assert stop not in c.text
+        if c.finish_reason == "length":
+            assert len(c.token_ids) == 8
+        elif tok.eos_token_id not in c.token_ids:
+            stopped += 1  # ended by the stop string: its tokens are generated, the text cut before it
+            full = tok.decode(c.token_ids, skip_special_tokens=True)
+            assert full.endswith(stop)  # generation ended right at the stop string
+            assert c.text == full[: full.index(stop)]
+            assert len(c.logprobs) == len(c.token_ids)
+    assert stopped > 0
