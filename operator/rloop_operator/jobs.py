@@ -1,0 +1,209 @@
+"""Reading observed Jobs: which stage and attempt, finished or not, why it failed, its summary.
+
+Everything here is a pure function of the Job dicts the API returned (and the pods' termination
+messages), so the reconcile core never needs to remember anything between passes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from rloop.plan import STAGE_KINDS, Stage
+from rloop_operator.naming import (
+    ANNOTATION_SUSPENDED,
+    LABEL_KUEUE_QUEUE,
+    LABEL_RUN,
+    label_value,
+    parse_job_labels,
+)
+
+JobState = Literal["Pending", "Running", "Succeeded", "Failed"]
+FailureKind = Literal["invalid", "corrupt", "other"]
+
+POD_FAILURE_POLICY_REASON = "PodFailurePolicy"
+"""Job condition reason when a podFailurePolicy FailJob rule fired; our only such rule is exit code 2."""
+DETAIL_MAX = 300
+"""Failure details go into status messages; the whole log tail stays with the pod."""
+
+
+@dataclass(frozen=True)
+class JobView:
+    """One observed attempt of one stage."""
+
+    name: str
+    stage: Stage
+    attempt: int
+    state: JobState
+    suspended: bool
+    resumable: bool
+    """Suspended by the operator (marker annotation), or not Kueue's to release: safe to resume."""
+    created: str | None
+    start_time: str | None
+    end_time: str | None
+    failure: FailureKind | None
+    detail: str | None
+    summary: dict[str, Any] | None
+    """The stage's termination message when it is a JSON object (metrics of a succeeded stage)."""
+
+    @property
+    def finished(self) -> bool:
+        return self.state in ("Succeeded", "Failed")
+
+    @property
+    def finished_at(self) -> datetime | None:
+        """When it finished, falling back to when it started or was created (clocks we can trust)."""
+        for t in (self.end_time, self.start_time, self.created):
+            dt = parse_time(t)
+            if dt is not None:
+                return dt
+        return None
+
+
+def parse_time(text: Any) -> datetime | None:
+    """An RFC 3339 timestamp as an aware UTC datetime; None when missing or malformed."""
+    if not isinstance(text, str) or not text:
+        return None
+    try:
+        dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+
+
+def format_time(dt: datetime) -> str:
+    """Kubernetes' timestamp format (seconds, UTC, `Z`)."""
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_termination_message(text: Any) -> dict[str, Any] | None:
+    """The stage summary a pod left as its termination message; None unless it is a JSON object.
+
+    With FallbackToLogsOnError a crashed pod's message is its log tail, which is not JSON."""
+    if not isinstance(text, str) or not text.strip():
+        return None
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def stage_order(stage: Stage) -> tuple[int, int, str]:
+    """DAG order without the spec: base first, then by iteration, kind (init, rl, ..., eval), set."""
+    it = -1 if stage.iteration is None else stage.iteration
+    return (it, STAGE_KINDS.index(stage.kind), stage.eval_set or "")
+
+
+def _condition(status: dict[str, Any], type_: str) -> dict[str, Any] | None:
+    for c in status.get("conditions") or []:
+        if isinstance(c, dict) and c.get("type") == type_ and c.get("status") == "True":
+            return c
+    return None
+
+
+def _int(value: Any) -> int:
+    try:
+        return int(value or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _last_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
+
+
+def _failure(status: dict[str, Any], summary: dict[str, Any] | None, raw: Any) -> tuple[FailureKind, str]:
+    failed = _condition(status, "Failed") or {}
+    error = summary.get("error") if summary else None
+    if error == "InvalidInput" or failed.get("reason") == POD_FAILURE_POLICY_REASON:
+        kind: FailureKind = "invalid"
+    elif error == "CorruptInput":
+        kind = "corrupt"
+    else:
+        kind = "other"
+    if summary and isinstance(summary.get("message"), str) and summary["message"].strip():
+        detail = summary["message"].strip()
+    elif isinstance(raw, str) and raw.strip() and summary is None:
+        detail = _last_line(raw)
+    else:
+        detail = str(failed.get("message") or failed.get("reason") or "the pod failed (no message)")
+    detail = " ".join(detail.split())  # one line: it ends up in condition messages and events
+    return kind, detail[:DETAIL_MAX]
+
+
+def view_job(job: dict[str, Any], message: Any = None) -> JobView | None:
+    """A JobView of an observed Job (None when its labels do not name a stage and attempt)."""
+    meta = job.get("metadata") or {}
+    parsed = parse_job_labels(meta.get("labels"))
+    name = meta.get("name")
+    if parsed is None or not isinstance(name, str):
+        return None
+    stage, attempt = parsed
+    status = job.get("status") or {}
+    spec = job.get("spec") or {}
+    summary = parse_termination_message(message)
+    complete = _condition(status, "Complete")
+    failed = _condition(status, "Failed")
+    # backoffLimit is 0, so one failed pod fails the Job even before the controller adds its condition.
+    if _int(status.get("succeeded")) >= 1 or complete:
+        state: JobState = "Succeeded"
+    elif _int(status.get("failed")) >= 1 or failed:
+        state = "Failed"
+    elif _int(status.get("active")) >= 1 or _int(status.get("ready")) >= 1:
+        state = "Running"
+    else:
+        state = "Pending"
+    end = status.get("completionTime") or (complete or failed or {}).get("lastTransitionTime")
+    failure, detail = _failure(status, summary, message) if state == "Failed" else (None, None)
+    annotations = meta.get("annotations") or {}
+    labels = meta.get("labels") or {}
+    suspended = bool(spec.get("suspend"))
+    return JobView(
+        name=name,
+        stage=stage,
+        attempt=attempt,
+        state=state,
+        suspended=suspended,
+        resumable=suspended
+        and (annotations.get(ANNOTATION_SUSPENDED) == "true" or LABEL_KUEUE_QUEUE not in labels),
+        created=meta.get("creationTimestamp"),
+        start_time=status.get("startTime"),
+        end_time=end if state in ("Succeeded", "Failed") else None,
+        failure=failure,
+        detail=detail,
+        summary=summary,
+    )
+
+
+def _owned(job: dict[str, Any], run_name: str, uid: str) -> bool:
+    meta = job.get("metadata") or {}
+    if (meta.get("labels") or {}).get(LABEL_RUN) != label_value(run_name):
+        return False
+    # A Job left behind by an earlier run of the same name (another uid) is not evidence for this one.
+    for ref in meta.get("ownerReferences") or []:
+        if isinstance(ref, dict) and ref.get("controller") and uid and ref.get("uid") and ref["uid"] != uid:
+            return False
+    return True
+
+
+def observe_jobs(
+    jobs: list[dict[str, Any]], run_name: str, uid: str, messages: dict[str, str] | None = None
+) -> list[JobView]:
+    """This run's Jobs as JobViews in DAG order (stage, then attempt), one per name.
+
+    Filters by label and owner here because not every API server honours label selectors."""
+    messages = messages or {}
+    seen: dict[str, JobView] = {}
+    for job in jobs:
+        if not isinstance(job, dict) or not _owned(job, run_name, uid):
+            continue
+        view = view_job(job, messages.get((job.get("metadata") or {}).get("name", "")))
+        if view is not None:
+            seen[view.name] = view
+    return sorted(seen.values(), key=lambda v: (stage_order(v.stage), v.attempt, v.name))

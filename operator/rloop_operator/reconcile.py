@@ -1,0 +1,470 @@
+"""The pure core of the operator: (spec, status, observed Jobs, now) → actions.
+
+Level-based: every pass recomputes everything from what it observes, so a pass may be repeated,
+skipped or run after an operator restart with the same result, and nothing is remembered in memory.
+
+- A stage is *committed* when one of its Jobs succeeded: a stage exits 0 only after writing its
+  commit manifest, so the Job's success is the operator's evidence (it never reads the store). When a
+  later stage fails with "corrupt input" naming it (exit 75: the stage moved that manifest aside), it
+  takes one more success to count as committed again, so the producer is re-run.
+- `rloop.plan.plan(spec, committed)` says which stages are ready; for each, its Jobs say whether to
+  wait, create attempt 0, retry after backoff (attempt n+1, a new Job), or give up.
+- The status (conditions, stage, history, metrics, artifacts) is rebuilt from the same facts;
+  condition transition times are kept when nothing changed, so "status changed?" is plain equality,
+  and events are emitted only for differences between the old and the new status.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+from rloop.plan import Stage, dependencies, plan, policy_out
+from rloop.spec import RLoopRunSpec, RLoopRunStatus, SpecError, parse_spec
+from rloop_operator.builders import build_job
+from rloop_operator.conditions import CONDITION_TYPES, get_condition, set_condition
+from rloop_operator.jobs import JobView, format_time, observe_jobs, stage_order
+from rloop_operator.naming import job_name
+
+HISTORY_LIMIT = 20
+"""Stage attempts kept in status.history; the Jobs themselves (and the store) keep everything."""
+MAX_BACKOFF_SECONDS = 6 * 3600
+"""Cap of the doubling retry delay (unless retry.backoffSeconds itself is larger)."""
+FINISHED = "Finished"
+EVENT_MESSAGE_MAX = 1000
+MISSING_STORAGE_URI = "spec.storage.uri: required when running on Kubernetes; set it to s3://bucket/prefix"
+
+Event = tuple[str, str, str]
+"""(type, reason, message): type is Normal or Warning."""
+
+_OWNED_STATUS_KEYS = tuple(f.alias or n for n, f in RLoopRunStatus.model_fields.items())
+
+
+@dataclass
+class Observed:
+    """Everything one pass looks at, as the API returned it."""
+
+    name: str
+    namespace: str
+    uid: str
+    generation: int | None
+    spec: dict[str, Any]
+    status: dict[str, Any]
+    jobs: list[dict[str, Any]]
+    """The run's Jobs (metadata, spec.suspend, status)."""
+    terminated_messages: dict[str, str]
+    """Job name → the termination message of its finished pod (a JSON stage summary, or a log tail)."""
+    now: datetime
+
+
+@dataclass
+class Actions:
+    """What the API layer should do; every list is safe to apply again (creates may hit AlreadyExists)."""
+
+    create_jobs: list[dict[str, Any]] = field(default_factory=list)
+    suspend_jobs: list[str] = field(default_factory=list)
+    resume_jobs: list[str] = field(default_factory=list)
+    status: dict[str, Any] = field(default_factory=dict)
+    """The full new status (camelCase, as RLoopRunStatus dumps it)."""
+    status_changed: bool = False
+    events: list[Event] = field(default_factory=list)
+    requeue_after: float | None = None
+    """Seconds until a retry is due (nothing else will wake the operator then); None: wait for events."""
+
+
+@dataclass(frozen=True)
+class _Decision:
+    """What to do about one ready stage."""
+
+    stage: Stage
+    kind: Literal["create", "running", "waiting", "failed"]
+    job: str
+    """The Job to create, running, failed, or (waiting) to be created when `due`."""
+    attempt: int
+    due: datetime | None = None
+    reason: str = ""
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class _Phase:
+    name: Literal["Running", "Suspended", "Succeeded", "Failed"]
+    reason: str
+    message: str
+
+
+# ------------------------------------------------------------------------------------------ stages
+def _by_stage(views: list[JobView]) -> dict[str, list[JobView]]:
+    out: dict[str, list[JobView]] = {}
+    for v in views:
+        out.setdefault(v.stage.id, []).append(v)
+    for vs in out.values():
+        vs.sort(key=lambda v: v.attempt)
+    return out
+
+
+def _blamed(spec: RLoopRunSpec, view: JobView) -> list[str]:
+    """Inputs a corrupt-input failure names: the stage invalidated them (their manifest moved aside)."""
+    if view.state != "Failed" or view.failure != "corrupt":
+        return []
+    text = str((view.summary or {}).get("message") or view.detail or "")
+    try:
+        deps = dependencies(spec, view.stage)
+    except (AssertionError, ValueError):
+        return []
+    return [d.id for d in deps if f"/{d.id}/" in text]
+
+
+def committed_stages(spec: RLoopRunSpec, views: list[JobView]) -> set[str]:
+    """Stages with more succeeded Jobs than corrupt-input failures that blamed them."""
+    successes: dict[str, int] = {}
+    blames: dict[str, int] = {}
+    for v in views:
+        if v.state == "Succeeded":
+            successes[v.stage.id] = successes.get(v.stage.id, 0) + 1
+        for dep in _blamed(spec, v):
+            blames[dep] = blames.get(dep, 0) + 1
+    return {sid for sid, n in successes.items() if n > blames.get(sid, 0)}
+
+
+def retry_delay(spec: RLoopRunSpec, failures: int) -> float:
+    """Seconds before the retry after the `failures`-th failure in a row (backoff, doubling, capped)."""
+    base = spec.retry.backoff_seconds
+    return float(min(base * 2 ** max(failures - 1, 0), max(base, MAX_BACKOFF_SECONDS)))
+
+
+def _decide(name: str, spec: RLoopRunSpec, stage: Stage, views: list[JobView], now: datetime) -> _Decision:
+    if not views:
+        return _Decision(stage, "create", job_name(name, stage, 0), 0)
+    latest = views[-1]
+    if not latest.finished:
+        return _Decision(stage, "running", latest.name, latest.attempt)
+    nxt = latest.attempt + 1
+    if latest.state == "Succeeded":  # its output was invalidated since: make it again, now
+        return _Decision(stage, "create", job_name(name, stage, nxt), nxt)
+    if latest.failure == "invalid":
+        return _Decision(
+            stage,
+            "failed",
+            latest.name,
+            latest.attempt,
+            reason="InvalidInput",
+            message=f"stage {stage.id} rejected its input (Job {latest.name}): {latest.detail}; "
+            "retrying cannot help: fix the spec or the data",
+        )
+    failures = 0  # in a row, since the stage last succeeded
+    for v in views:
+        failures = failures + 1 if v.state == "Failed" else 0
+    if failures > spec.retry.limit:
+        return _Decision(
+            stage,
+            "failed",
+            latest.name,
+            latest.attempt,
+            reason="StageFailed",
+            message=f"stage {stage.id} failed {failures} time(s) (retry.limit {spec.retry.limit}); "
+            f"last Job {latest.name}: {latest.detail}",
+        )
+    finished = latest.finished_at
+    due = now if finished is None else finished + timedelta(seconds=retry_delay(spec, failures))
+    if due <= now:
+        return _Decision(stage, "create", job_name(name, stage, nxt), nxt)
+    return _Decision(stage, "waiting", job_name(name, stage, nxt), nxt, due=due)
+
+
+# ------------------------------------------------------------------------------------------ status
+def _record(v: JobView) -> dict[str, Any]:
+    rec: dict[str, Any] = {"stage": v.stage.id, "attempt": v.attempt, "job": v.name, "state": v.state}
+    if v.start_time:
+        rec["startTime"] = v.start_time
+    if v.end_time:
+        rec["endTime"] = v.end_time
+    if v.detail:
+        rec["message"] = v.detail
+    return rec
+
+
+def _history(views: list[JobView], created: list[_Decision]) -> list[dict[str, Any]]:
+    """Last HISTORY_LIMIT attempts in DAG order (time-free, so a repeated pass gives the same list)."""
+    rows = [((stage_order(v.stage), v.attempt, v.name), _record(v)) for v in views]
+    rows += [
+        (
+            (stage_order(d.stage), d.attempt, d.job),
+            {"stage": d.stage.id, "attempt": d.attempt, "job": d.job, "state": "Pending"},
+        )
+        for d in created
+    ]
+    rows.sort(key=lambda r: r[0])
+    return [rec for _, rec in rows[-HISTORY_LIMIT:]]
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def run_metrics(spec: RLoopRunSpec, views: list[JobView]) -> dict[str, float]:
+    """trainReward of the latest RL stage; evalAvgAtN / evalPassAtK (largest k) of the latest eval."""
+    out: dict[str, float] = {}
+    ok = [v for v in views if v.state == "Succeeded" and v.summary]
+    rl = [
+        v for v in ok if v.stage.kind == "rl" and _number(v.summary.get("train_reward_last10pct")) is not None
+    ]
+    if rl:
+        latest = max(rl, key=lambda v: (stage_order(v.stage), v.attempt))
+        out["trainReward"] = _number(latest.summary["train_reward_last10pct"])
+    set_rank = {s.name: i for i, s in enumerate(spec.data.eval)}
+    evals = [v for v in ok if v.stage.kind == "eval"]
+    if evals:
+        # Latest iteration first; within it the first set of the spec (the run's headline number).
+        latest = min(
+            evals, key=lambda v: (-stage_order(v.stage)[0], set_rank.get(v.stage.eval_set, 99), -v.attempt)
+        )
+        avg = _number(latest.summary.get("avg_at_n"))
+        if avg is not None:
+            out["evalAvgAtN"] = avg
+        pass_at_k = latest.summary.get("pass_at_k")
+        if isinstance(pass_at_k, dict):
+            ks = []
+            for k, val in pass_at_k.items():
+                try:
+                    ks.append((int(k), _number(val)))
+                except (TypeError, ValueError):
+                    continue
+            ks = [(k, val) for k, val in ks if val is not None]
+            if ks:
+                out["evalPassAtK"] = max(ks)[1]
+    return out
+
+
+def run_artifacts(spec: RLoopRunSpec, run_uri: str, committed: set[str]) -> dict[str, str]:
+    """runUri, and latestPolicy: the policy of the last finished iteration (else P_0 once built)."""
+    out = {"runUri": run_uri}
+    for k in reversed(range(spec.loop.iterations)):
+        path = policy_out(spec, k)
+        if path.rsplit("/", 1)[0] in committed:
+            out["latestPolicy"] = f"{run_uri}/{path}"
+            return out
+    if "base/init" in committed:
+        out["latestPolicy"] = f"{run_uri}/base/init/policy"
+    return out
+
+
+def _conditions(
+    old: list[dict[str, Any]],
+    phase: _Phase,
+    progressing: tuple[str, str] | None,
+    now: str,
+    generation: int | None,
+) -> list[dict[str, Any]]:
+    """All five conditions for the phase, in canonical order; transition times kept where unchanged."""
+    p = phase
+    table: dict[str, tuple[str, str, str]]
+    if p.name == "Succeeded":
+        table = {t: ("False", "Succeeded", "") for t in CONDITION_TYPES}
+        table["Ready"] = table["Succeeded"] = ("True", "Succeeded", p.message)
+    elif p.name == "Failed":
+        table = {t: ("False", p.reason, "") for t in CONDITION_TYPES}
+        table["Ready"] = ("False", p.reason, p.message)
+        table["Failed"] = ("True", p.reason, p.message)
+    elif p.name == "Suspended":
+        table = {t: ("False", "Suspended", p.message) for t in CONDITION_TYPES}
+        table["Failed"] = ("False", "Suspended", "")
+        table["Suspended"] = (
+            "True",
+            "Suspended",
+            "spec.suspend is true: running stage Jobs are suspended and "
+            "no new stage starts; set it to false to resume",
+        )
+    else:
+        table = {t: ("False", "Running", "") for t in CONDITION_TYPES}
+        table["Ready"] = table["Succeeded"] = ("False", "Running", p.message)
+        reason, message = progressing or ("StageRunning", p.message)
+        table["Progressing"] = ("True", reason, message)
+    current = [c for c in old if isinstance(c, dict) and c.get("type") in CONDITION_TYPES]
+    for t in CONDITION_TYPES:
+        status, reason, message = table[t]
+        current = set_condition(current, t, status, reason, message, now, generation)
+    return [get_condition(current, t) for t in CONDITION_TYPES]
+
+
+def _progress(done: int, total: int) -> str:
+    return f"{done}/{total} stages committed"
+
+
+def _events(
+    old: dict[str, Any], new: dict[str, Any], views: list[JobView], created: list[_Decision]
+) -> list[Event]:
+    """Events for what changed between the old and the new status, in causal order: Jobs that finished,
+    Jobs being created, then the run's own transitions."""
+    events: list[Event] = []
+    old_states = {h.get("job"): h.get("state") for h in old.get("history") or [] if isinstance(h, dict)}
+    in_history = {h["job"] for h in new.get("history") or []}
+    for v in views:
+        if v.name not in in_history or not v.finished or old_states.get(v.name) == v.state:
+            continue
+        if v.state == "Succeeded":
+            events.append(("Normal", "StageSucceeded", f"stage {v.stage.id}: Job {v.name} succeeded"))
+        else:
+            events.append(("Warning", "JobFailed", f"stage {v.stage.id}: Job {v.name} failed: {v.detail}"))
+    for d in created:
+        events.append(
+            ("Normal", "StageStarted", f"stage {d.stage.id}: created Job {d.job} (attempt {d.attempt})")
+        )
+    old_conds = old.get("conditions") or []
+
+    def flipped(t: str, status: str) -> dict[str, Any] | None:
+        o, n = get_condition(old_conds, t), get_condition(new["conditions"], t)
+        if n is None or n["status"] != status:
+            return None
+        same = o is not None and (o.get("status"), o.get("reason"), o.get("message")) == (
+            n["status"],
+            n["reason"],
+            n["message"],
+        )
+        if status == "False":  # "turned off": only a change of status counts
+            same = o is None or o.get("status") != "True"
+        return None if same else n
+
+    if c := flipped("Failed", "True"):
+        events.append(("Warning", c["reason"], c["message"]))
+    if c := flipped("Succeeded", "True"):
+        events.append(("Normal", "RunSucceeded", c["message"]))
+    if c := flipped("Suspended", "True"):
+        events.append(("Normal", "Suspended", c["message"]))
+    if flipped("Suspended", "False"):
+        events.append(("Normal", "Resumed", "spec.suspend is false: stage Jobs resume"))
+    return events
+
+
+def _finish(
+    old: dict[str, Any], new: dict[str, Any], views: list[JobView], created: list[_Decision], actions: Actions
+) -> Actions:
+    actions.status = RLoopRunStatus.model_validate(new).to_wire()
+    actions.status_changed = actions.status != _owned(old)
+    # Kubernetes caps an Event's message at 1 KiB.
+    actions.events = [
+        (t, r, m[:EVENT_MESSAGE_MAX]) for t, r, m in _events(old, actions.status, views, created)
+    ]
+    return actions
+
+
+def _owned(status: dict[str, Any]) -> dict[str, Any]:
+    """The part of a stored status this module writes (other writers' keys are not compared)."""
+    return {k: v for k, v in status.items() if k in _OWNED_STATUS_KEYS and v is not None}
+
+
+def status_patch(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    """A merge patch turning `old` into `new`: keys this module owns that `new` dropped become null."""
+    patch = dict(new)
+    for k in _owned(old or {}):
+        patch.setdefault(k, None)
+    return patch
+
+
+# ------------------------------------------------------------------------------------------- entry
+def run_uri_of(spec: RLoopRunSpec, namespace: str, name: str) -> str:
+    """`<storage.uri>/<namespace>/<name>`, the same layout the local runner uses."""
+    if not spec.storage.uri:
+        raise SpecError(MISSING_STORAGE_URI)
+    return f"{spec.storage.uri.rstrip('/')}/{namespace}/{name}"
+
+
+def reconcile(obs: Observed, *, default_image: str) -> Actions:
+    """One reconcile pass. Pure: the same Observed gives the same Actions."""
+    now = obs.now if obs.now.tzinfo else obs.now.replace(tzinfo=UTC)
+    now_s = format_time(now)
+    old = obs.status if isinstance(obs.status, dict) else {}
+    old_conds = old.get("conditions") if isinstance(old.get("conditions"), list) else []
+    views = observe_jobs(obs.jobs or [], obs.name, obs.uid, obs.terminated_messages or {})
+    gen = obs.generation
+
+    try:
+        spec = parse_spec(obs.spec if isinstance(obs.spec, dict) else {})
+        run_uri = run_uri_of(spec, obs.namespace, obs.name)
+    except SpecError as err:
+        # Nothing can run; keep what the status already says about progress, and name the bad field.
+        phase = _Phase("Failed", "InvalidSpec", str(err))
+        new = {k: old[k] for k in ("iteration", "stage", "metrics", "artifacts") if old.get(k) is not None}
+        try:
+            RLoopRunStatus.model_validate(new)
+        except ValueError:  # a hand-edited status must not wedge the run: drop what does not validate
+            new = {}
+        new |= {
+            "observedGeneration": gen,
+            "conditions": _conditions(old_conds, phase, None, now_s, gen),
+            "history": _history(views, []),
+        }
+        return _finish(old, new, views, [], Actions())
+
+    by_stage = _by_stage(views)
+    committed = committed_stages(spec, views)
+    p = plan(spec, committed)
+    decisions = [_decide(obs.name, spec, s, by_stage.get(s.id, []), now) for s in p.ready]
+    failed = [d for d in decisions if d.kind == "failed"]
+    progress = _progress(p.done, p.total)
+
+    actions = Actions()
+    if spec.suspend:
+        actions.suspend_jobs = [v.name for v in views if not v.finished and not v.suspended]
+    else:
+        actions.resume_jobs = [v.name for v in views if not v.finished and v.suspended and v.resumable]
+
+    created: list[_Decision] = []
+    progressing: tuple[str, str] | None = None
+    if p.finished:
+        phase = _Phase("Succeeded", "Succeeded", f"all {p.total} stages committed")
+        stage_id, iteration = FINISHED, spec.loop.iterations - 1
+    elif failed:
+        first = failed[0]
+        phase = _Phase("Failed", first.reason, first.message)
+        stage_id, iteration = first.stage.id, first.stage.iteration
+    else:
+        # Not finished means some stage is ready (follow uncommitted dependencies down to one whose
+        # dependencies are all committed: that one is ready).
+        current = p.ready[0]
+        stage_id, iteration = current.id, current.iteration
+        if spec.suspend:
+            phase = _Phase("Suspended", "Suspended", progress)
+        else:
+            phase = _Phase(
+                "Running", "Running", f"in progress: {', '.join(s.id for s in p.ready)}; {progress}"
+            )
+            created = [d for d in decisions if d.kind == "create"]
+            actions.create_jobs = [
+                build_job(
+                    obs.name,
+                    obs.namespace,
+                    obs.uid,
+                    spec,
+                    d.stage,
+                    d.attempt,
+                    run_uri=run_uri,
+                    default_image=default_image,
+                )
+                for d in created
+            ]
+            running = [f"{d.stage.id} (Job {d.job})" for d in decisions if d.kind in ("create", "running")]
+            waiting = [d for d in decisions if d.kind == "waiting"]
+            parts = [f"running {', '.join(running)}"] if running else []
+            parts += [
+                f"{d.stage.id} failed; attempt {d.attempt} (Job {d.job}) starts at {format_time(d.due)}"
+                for d in waiting
+            ]
+            progressing = ("StageRunning" if running else "RetryBackoff", "; ".join([*parts, progress]))
+            if waiting:
+                actions.requeue_after = max(min((d.due - now).total_seconds() for d in waiting), 0.0)
+
+    new = {
+        "observedGeneration": gen,
+        "conditions": _conditions(old_conds, phase, progressing, now_s, gen),
+        "iteration": iteration,
+        "stage": stage_id,
+        "history": _history(views, created),
+        "metrics": run_metrics(spec, views),
+        "artifacts": run_artifacts(spec, run_uri, committed),
+    }
+    return _finish(old, new, views, created, actions)
