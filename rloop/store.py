@@ -49,6 +49,10 @@ class CorruptArtifact(StoreError):
     """A stage's output does not match its commit manifest (or has none)."""
 
 
+class NotCommitted(CorruptArtifact):
+    """A stage has no commit manifest yet (never finished, or its manifest was invalidated)."""
+
+
 def _s3_options() -> dict[str, Any]:
     """s3fs options from the environment only: credentials never come from the spec."""
     opts: dict[str, Any] = {}
@@ -206,7 +210,7 @@ class RunStore:
         try:
             text = self.read_text(f"{stage_id}/{MANIFEST}")
         except FileNotFoundError:
-            raise CorruptArtifact(f"{where}: missing; stage {stage_id} has not committed") from None
+            raise NotCommitted(f"{where}: missing; stage {stage_id} has not committed") from None
         m = Manifest.from_json(text, where)
         if m.stage != stage_id:
             raise CorruptArtifact(f"{where}: manifest is for stage {m.stage!r}, not {stage_id!r}")

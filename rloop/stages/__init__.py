@@ -23,7 +23,7 @@ from rloop.stages.common import (
     StageContext,
     write_termination_message,
 )
-from rloop.store import CorruptArtifact, StoreError
+from rloop.store import CorruptArtifact, NotCommitted, StoreError
 
 
 def _quiet_libraries() -> None:
@@ -46,7 +46,8 @@ def run_stage(run_uri: str, stage: Stage) -> int:
         write_termination_message({"stage": stage.id, "error": "InvalidInput", "message": str(err)[:1500]})
         return EXIT_INVALID_INPUT
     except CorruptArtifact as err:
-        print(f"rloop stage {stage.id}: corrupt input, invalidated for re-run: {err}", file=sys.stderr)
+        what = "input not committed yet" if isinstance(err, NotCommitted) else "corrupt input, invalidated for re-run"
+        print(f"rloop stage {stage.id}: {what}: {err}", file=sys.stderr)
         write_termination_message({"stage": stage.id, "error": "CorruptInput", "message": str(err)[:1500]})
         return EXIT_CORRUPT_INPUT
     except StoreError as err:

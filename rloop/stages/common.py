@@ -37,6 +37,7 @@ class StageContext:
     @classmethod
     def open(cls, run_uri: str, stage: Stage) -> StageContext:
         store = RunStore.from_uri(run_uri)
+        _snapshot_spec_from_env(store)
         try:
             run = parse_run(store.read_spec())
         except SpecError as err:
@@ -92,6 +93,26 @@ class StageContext:
             messages = list(example.messages or [{"role": "user", "content": example.prompt}])
             return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return self.spec.data.prompt_template.format(prompt=example.prompt)
+
+
+def _snapshot_spec_from_env(store: RunStore) -> None:
+    """On Kubernetes nobody runs `rloop run`: the operator passes the resolved manifest in
+    RLOOP_RUN_MANIFEST and the first stage snapshots it as spec.json. Later stages check that the
+    snapshot still agrees with it on every field that may not change mid-run."""
+    text = os.environ.get("RLOOP_RUN_MANIFEST")
+    if not text:
+        return
+    try:
+        run = parse_run(json.loads(text))
+    except (ValueError, SpecError) as err:
+        raise InputError(f"RLOOP_RUN_MANIFEST is not a valid RLoopRun: {err}") from None
+    if store.exists("spec.json"):
+        from rloop.spec import immutable_changes
+
+        changed = immutable_changes(parse_run(store.read_spec()).spec, run.spec)
+        if changed:
+            raise InputError(f"{', '.join(changed)} changed since the run started; create a new RLoopRun instead")
+    store.write_spec(run.to_wire())
 
 
 def load_dataset(ds: DatasetSpec, what: str):
