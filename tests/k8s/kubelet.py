@@ -1,0 +1,625 @@
+"""A test "kubelet" + Job controller for the kmock emulator (DESIGN §4).
+
+The emulator runs no controllers. `Kubelet` stands in for the Job controller and the kubelet:
+for each new, non-suspended `batch/v1` Job it creates a Pod (labelled `job-name: <job>`, owned by the
+Job) and runs the Job's single container command as a local process with the container's env;
+it then writes the Pod's and the Job's status as a real cluster (1.31+) would:
+
+- running: Job `status.startTime`, `active: 1`; Pod `phase: Running`, container state `running`.
+- exit 0: Pod `Succeeded`, `state.terminated.{exitCode: 0, reason: Completed, message}`; Job
+  `succeeded: 1`, `completionTime`, conditions `SuccessCriteriaMet` + `Complete`.
+- exit != 0: Pod `Failed` (`reason: Error`). The Job's `podFailurePolicy` is evaluated (onExitCodes
+  rules, in order): `FailJob` -> conditions `FailureTarget` + `Failed` with reason `PodFailurePolicy`;
+  `Ignore` -> a new pod, not counted; otherwise counted in `failed`, and past `backoffLimit`
+  (default 6) -> `Failed` reason `BackoffLimitExceeded`, else a new pod after `retry_delay`.
+- `activeDeadlineSeconds` -> process killed, `Failed` reason `DeadlineExceeded`.
+- `spec.suspend: true` -> process killed, Pod deleted, condition `Suspended`; resuming starts a new pod.
+- Job deleted -> process killed (the emulator's ownerReference GC deletes the Pod).
+
+The termination message: the kubelet sets `RLOOP_TERMINATION_LOG` in the process env to a fresh
+file per pod and copies its content (at most 4096 bytes, as the real kubelet) into the Pod's
+`status.containerStatuses[0].state.terminated.message`; with `terminationMessagePolicy:
+FallbackToLogsOnError` an empty message on failure falls back to the log tail.
+
+Env: plain `value` entries (with `$(VAR)` expansion, also in command/args), `valueFrom.secretKeyRef`,
+`configMapKeyRef`, `fieldRef` (metadata.name/namespace/uid/labels[...]/annotations[...]) and `envFrom`
+read from the emulator. A missing Secret/key that is not optional leaves the pod waiting with
+`CreateContainerConfigError` (retried every scan), as in a real cluster.
+
+`translate(argv, container, job) -> argv` maps container commands to local ones
+(see `map_executables`). `instant=True` completes Jobs at once with exit 0 and a fixed (or computed)
+termination message, without running anything (for scale benchmarks).
+
+Not emulated: images, resources, node selection, volumes, multiple containers, parallelism > 1,
+indexed Jobs, pod `restartPolicy: OnFailure` restarts in place (a new pod is made instead).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import datetime
+import logging
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.k8s.apiserver import CONFIGMAPS, JOBS, PODS, SECRETS, Server
+
+log = logging.getLogger(__name__)
+
+MESSAGE_LIMIT = 4096  # bytes, as the real kubelet truncates termination messages
+Translate = Callable[[list[str], Mapping[str, Any], Mapping[str, Any]], list[str]]
+
+
+def _now() -> str:
+    return datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def container_status(container: Mapping[str, Any], pod_name: str, state: dict[str, Any],
+                     ready: bool = False) -> dict[str, Any]:
+    """A containerStatuses entry with every field the `kubernetes` client's (pydantic) model requires."""
+    image = container.get("image", "")
+    return {"name": container.get("name", "main"), "image": image, "imageID": f"kmock://{image}",
+            "containerID": f"kmock://{pod_name}", "ready": ready, "started": ready, "restartCount": 0,
+            "state": state}
+
+
+def map_executables(mapping: Mapping[str, str]) -> Translate:
+    """A `translate` hook replacing argv[0] by basename: e.g. {'rloop': '<venv>/bin/rloop'}."""
+
+    def translate(argv: list[str], container: Mapping[str, Any], job: Mapping[str, Any]) -> list[str]:
+        if argv and os.path.basename(argv[0]) in mapping:
+            return [mapping[os.path.basename(argv[0])], *argv[1:]]
+        return argv
+
+    return translate
+
+
+_VAR_REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
+
+
+def expand(text: str, env: Mapping[str, str]) -> str:
+    """Kubernetes `$(VAR)` expansion: defined vars are substituted, `$$` escapes, unknown refs stay."""
+
+    def sub(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        return env.get(m.group(1), m.group(0))
+
+    return _VAR_REF.sub(sub, text)
+
+
+class _ConfigError(Exception):
+    """A container's env cannot be resolved yet (CreateContainerConfigError)."""
+
+
+@dataclass
+class PodRun:
+    pod_name: str
+    argv: list[str]
+    log_path: Path
+    exit_code: int | None = None
+    message: str = ""
+    started: float = field(default_factory=time.monotonic)
+    started_at: str = field(default_factory=_now)
+    finished: float | None = None
+
+
+@dataclass
+class JobRecord:
+    """What the kubelet did for one Job (for assertions and debugging)."""
+
+    namespace: str
+    name: str
+    uid: str
+    pods: list[PodRun] = field(default_factory=list)
+    outcome: str | None = None  # "Complete" | "Failed"
+    reason: str | None = None
+    finished_at: float | None = None  # time.time() when the final status was written
+
+    @property
+    def last(self) -> PodRun | None:
+        return self.pods[-1] if self.pods else None
+
+
+@dataclass
+class _Running:
+    job: dict[str, Any]
+    record: JobRecord
+    run: PodRun
+    proc: subprocess.Popen[bytes]
+    term_path: Path
+    log_file: Any
+    deadline: float | None
+
+
+class Kubelet:
+    """Runs Jobs from the emulator as local processes. Use as a context manager or start()/stop()."""
+
+    def __init__(
+        self,
+        server: Server,
+        *,
+        translate: Translate | None = None,
+        max_concurrency: int = 4,
+        instant: bool = False,
+        instant_message: str | Callable[[Mapping[str, Any]], str] = '{"instant": true}',
+        namespace: str | None = None,
+        inherit_env: bool = True,
+        extra_env: Mapping[str, str] | None = None,
+        poll_interval: float = 0.5,
+        retry_delay: float = 0.2,
+        grace: float = 3.0,
+        workdir: str | Path | None = None,
+    ):
+        self.server = server
+        self.translate = translate or (lambda argv, container, job: argv)
+        self.max_concurrency = max_concurrency
+        self.instant = instant
+        self.instant_message = instant_message
+        self.namespace = namespace
+        self.inherit_env = inherit_env
+        self.extra_env = dict(extra_env or {})
+        self.poll_interval = poll_interval
+        self.retry_delay = retry_delay
+        self.grace = grace
+        self._own_workdir = workdir is None
+        self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="rloop-kubelet-"))
+        self.records: dict[str, JobRecord] = {}  # by Job uid
+        self._running: dict[str, _Running] = {}  # by Job uid
+        self._done: set[str] = set()  # Job uids with a final status written
+        self._suspended: set[str] = set()  # Job uids whose Suspended condition we wrote
+        self._not_before: dict[str, float] = {}  # Job uid -> monotonic time of the next pod (retries)
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.errors: list[BaseException] = []
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> Kubelet:
+        self.server.add_listener(self._on_event)
+        self._thread = threading.Thread(target=self._loop, name="test-kubelet", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Stop scanning and kill the running processes (their Jobs keep their last status)."""
+        self._stopping.set()
+        self._wake.set()
+        self.server.remove_listener(self._on_event)
+        if self._thread is not None:
+            self._thread.join(timeout)
+        for uid in list(self._running):
+            self._kill(self._running.pop(uid))
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> Kubelet:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _on_event(self, resource: Any, event: Mapping[str, Any]) -> None:
+        if getattr(resource, "plural", None) == "jobs":
+            self._wake.set()
+
+    # ------------------------------------------------------------------ queries for tests
+    def record(self, name: str, namespace: str = "default") -> JobRecord | None:
+        """The latest record for a Job name (a re-created Job gets a new record)."""
+        found = [r for r in self.records.values() if r.name == name and r.namespace == namespace]
+        return found[-1] if found else None
+
+    def log_text(self, name: str, namespace: str = "default") -> str:
+        rec = self.record(name, namespace)
+        if rec is None or rec.last is None or not rec.last.log_path.exists():
+            return ""
+        return rec.last.log_path.read_text(errors="replace")
+
+    # ------------------------------------------------------------------ main loop
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self._scan()
+            except Exception as e:  # keep serving; surface to tests via .errors
+                log.exception("kubelet scan failed")
+                self.errors.append(e)
+            timeout = 0.05 if (self._running or self._not_before) else self.poll_interval
+            self._wake.wait(timeout)
+            self._wake.clear()
+
+    def _scan(self) -> None:
+        jobs = {j["metadata"]["uid"]: j for j in self.server.list(JOBS, self.namespace)}
+        # Running processes: deleted / suspended / finished / past deadline.
+        for uid in list(self._running):
+            running = self._running[uid]
+            job = jobs.get(uid)
+            if job is None:
+                self._kill(self._running.pop(uid))
+                continue
+            running.job = job
+            if (job.get("spec") or {}).get("suspend"):
+                self._kill(self._running.pop(uid))
+                self._write_suspended(job, running.run.pod_name)
+                continue
+            code = running.proc.poll()
+            if code is None and running.deadline is not None and time.monotonic() > running.deadline:
+                self._kill(self._running.pop(uid))
+                self._finish_pod(running, exit_code=137, reason="DeadlineExceeded")
+                self._fail_job(job, running.record, "DeadlineExceeded",
+                               "Job was active longer than specified deadline")
+                continue
+            if code is not None:
+                self._running.pop(uid)
+                self._complete(running, code)
+        # New (or resumed, or retried) Jobs.
+        for uid, job in jobs.items():
+            if self._stopping.is_set():
+                return
+            if uid in self._done or uid in self._running:
+                continue
+            status = job.get("status") or {}
+            if any(c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
+                   for c in status.get("conditions") or []):
+                self._done.add(uid)
+                continue
+            if (job.get("spec") or {}).get("suspend"):
+                if uid not in self._suspended:
+                    self._write_suspended(job, None)
+                continue
+            if self._not_before.get(uid, 0.0) > time.monotonic():
+                continue
+            if self.instant:
+                self._complete_instantly(job)
+                continue
+            if len(self._running) >= self.max_concurrency:
+                continue
+            self._not_before.pop(uid, None)
+            self._start(job)
+
+    # ------------------------------------------------------------------ helpers
+    def _record_for(self, job: Mapping[str, Any]) -> JobRecord:
+        meta = job["metadata"]
+        if meta["uid"] not in self.records:
+            self.records[meta["uid"]] = JobRecord(meta["namespace"], meta["name"], meta["uid"])
+        return self.records[meta["uid"]]
+
+    def _container(self, job: Mapping[str, Any]) -> dict[str, Any]:
+        containers = (((job.get("spec") or {}).get("template") or {}).get("spec") or {}).get("containers") or []
+        if len(containers) != 1:
+            raise ValueError(f"the test kubelet runs exactly one container per Job, got {len(containers)}")
+        return containers[0]
+
+    def _patch_job_status(self, job: Mapping[str, Any], status: dict[str, Any]) -> None:
+        meta = job["metadata"]
+        with contextlib.suppress(Exception):  # the Job may be gone already
+            self.server.patch(JOBS, meta["namespace"], meta["name"], {"status": status}, subresource="status")
+
+    def _patch_pod_status(self, namespace: str, pod: str, status: dict[str, Any]) -> None:
+        with contextlib.suppress(Exception):
+            self.server.patch(PODS, namespace, pod, {"status": status}, subresource="status")
+
+    def _pod_manifest(self, job: Mapping[str, Any], container: Mapping[str, Any], phase: str,
+                      state: dict[str, Any]) -> dict[str, Any]:
+        meta = job["metadata"]
+        template = (job.get("spec") or {}).get("template") or {}
+        suffix = "".join(random.choice("bcdfghjklmnpqrstvwxz2456789") for _ in range(5))
+        labels = dict((template.get("metadata") or {}).get("labels") or {})
+        labels.update({"job-name": meta["name"], "batch.kubernetes.io/job-name": meta["name"],
+                       "controller-uid": meta["uid"], "batch.kubernetes.io/controller-uid": meta["uid"]})
+        return {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": f"{meta['name'][:57]}-{suffix}",
+                "namespace": meta["namespace"],
+                "labels": labels,
+                "annotations": dict((template.get("metadata") or {}).get("annotations") or {}),
+                "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": meta["name"],
+                                     "uid": meta["uid"], "controller": True, "blockOwnerDeletion": True}],
+            },
+            "spec": {**(template.get("spec") or {}), "nodeName": "kmock-node"},
+            "status": {
+                "phase": phase,
+                "startTime": _now(),
+                "containerStatuses": [container_status(container, f"{meta['name'][:57]}-{suffix}", state,
+                                                       ready=phase == "Running")],
+            },
+        }
+
+    def _resolve_env(self, job: Mapping[str, Any], container: Mapping[str, Any], pod_name: str) -> dict[str, str]:
+        ns = job["metadata"]["namespace"]
+        resolved: dict[str, str] = {}
+
+        def from_source(kind: str, name: str, key: str | None, optional: bool) -> dict[str, str] | str | None:
+            obj = self.server.get(SECRETS if kind == "secret" else CONFIGMAPS, ns, name)
+            if obj is None:
+                if optional:
+                    return None
+                raise _ConfigError(f'{kind} "{name}" not found')
+            values: dict[str, str] = {}
+            for k, v in (obj.get("data") or {}).items():
+                values[k] = base64.b64decode(v).decode() if kind == "secret" else str(v)
+            values.update({k: str(v) for k, v in (obj.get("stringData") or {}).items()})
+            if key is None:
+                return values
+            if key not in values:
+                if optional:
+                    return None
+                raise _ConfigError(f'couldn\'t find key {key} in {kind.capitalize()} {ns}/{name}')
+            return values[key]
+
+        for src in container.get("envFrom") or []:
+            prefix = src.get("prefix", "")
+            for kind, ref in (("secret", src.get("secretRef")), ("configmap", src.get("configMapRef"))):
+                if ref:
+                    values = from_source(kind, ref["name"], None, bool(ref.get("optional")))
+                    if isinstance(values, dict):
+                        resolved.update({prefix + k: v for k, v in values.items()})
+        pod_meta = {"name": pod_name, "namespace": ns, "uid": job["metadata"]["uid"]}
+        for item in container.get("env") or []:
+            name = item["name"]
+            if "valueFrom" not in item:
+                resolved[name] = expand(str(item.get("value", "")), resolved)
+                continue
+            source = item["valueFrom"]
+            value: Any = None
+            if ref := source.get("secretKeyRef"):
+                value = from_source("secret", ref["name"], ref["key"], bool(ref.get("optional")))
+            elif ref := source.get("configMapKeyRef"):
+                value = from_source("configmap", ref["name"], ref["key"], bool(ref.get("optional")))
+            elif ref := source.get("fieldRef"):
+                path = ref.get("fieldPath", "")
+                if path.startswith("metadata.") and path[9:] in pod_meta:
+                    value = pod_meta[path[9:]]
+                elif m := re.fullmatch(r"metadata\.(labels|annotations)\['(.+)'\]", path):
+                    tmeta = (((job.get("spec") or {}).get("template") or {}).get("metadata") or {})
+                    value = (tmeta.get(m.group(1)) or {}).get(m.group(2), "")
+                elif path == "spec.nodeName":
+                    value = "kmock-node"
+                elif path in ("status.podIP", "status.hostIP"):
+                    value = "127.0.0.1"
+                else:
+                    value = ""
+            if value is not None:
+                resolved[name] = str(value)
+        return resolved
+
+    # ------------------------------------------------------------------ running
+    def _start(self, job: dict[str, Any]) -> None:
+        record = self._record_for(job)
+        meta = job["metadata"]
+        ns = meta["namespace"]
+        if meta["uid"] in self._suspended:  # resumed
+            self._suspended.discard(meta["uid"])
+            conditions = self._conditions(job, {"type": "Suspended", "status": "False", "reason": "JobResumed",
+                                                "message": "Job resumed"})
+            self._patch_job_status(job, {"conditions": conditions})
+            job = {**job, "status": {**(job.get("status") or {}), "conditions": conditions}}
+        try:
+            container = self._container(job)
+        except ValueError as e:
+            self._fail_job(job, record, "InvalidPodTemplate", str(e))
+            return
+        manifest = self._pod_manifest(job, container, "Pending", {"waiting": {"reason": "ContainerCreating"}})
+        pod_name = manifest["metadata"]["name"]
+        try:
+            env = self._resolve_env(job, container, pod_name)
+        except _ConfigError as e:
+            # As a real kubelet: the pod stays Pending (retried on the next scans).
+            if not record.pods or record.pods[-1].pod_name != "<config-error>":
+                record.pods.append(PodRun("<config-error>", [], self.workdir / "none", message=str(e)))
+                self._patch_job_status(job, {"startTime": (job.get("status") or {}).get("startTime") or _now(),
+                                             "active": 1})
+            return
+        if record.pods and record.pods[-1].pod_name == "<config-error>":
+            record.pods.pop()
+
+        argv = [expand(str(a), env) for a in (container.get("command") or []) + (container.get("args") or [])]
+        if not argv:
+            self._fail_job(job, record, "InvalidPodTemplate", "the test kubelet needs an explicit command")
+            return
+        argv = list(self.translate(argv, container, job))
+        pod_dir = self.workdir / ns / pod_name
+        pod_dir.mkdir(parents=True, exist_ok=True)
+        term_path = pod_dir / "termination-log"
+        term_path.write_text("")
+        log_path = pod_dir / "log.txt"
+        full_env = dict(os.environ) if self.inherit_env else {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+        full_env.update(self.extra_env)
+        full_env.update(env)
+        full_env["RLOOP_TERMINATION_LOG"] = str(term_path)
+        full_env["HOSTNAME"] = pod_name
+
+        now = _now()
+        manifest["status"]["phase"] = "Running"
+        manifest["status"]["containerStatuses"] = [container_status(container, pod_name,
+                                                                    {"running": {"startedAt": now}}, ready=True)]
+        self.server.create(PODS, manifest, ns)
+        run = PodRun(pod_name, argv, log_path)
+        record.pods.append(run)
+        log_file = open(log_path, "wb")  # noqa: SIM115 - closed when the pod finishes
+        try:
+            proc = subprocess.Popen(argv, env=full_env, cwd=pod_dir, stdout=log_file, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        except OSError as e:
+            log_file.write(f"failed to start {argv!r}: {e}\n".encode())
+            log_file.close()
+            run.exit_code, run.message, run.finished = 128, f"StartError: {e}", time.monotonic()
+            self._patch_pod_status(ns, pod_name, {"phase": "Failed", "containerStatuses": [container_status(
+                container, pod_name, {"terminated": {"exitCode": 128, "reason": "StartError", "message": str(e)}})]})
+            self._after_failure(job, record, container, 128, pod_name)
+            return
+        status = job.get("status") or {}
+        self._patch_job_status(job, {"startTime": status.get("startTime") or now, "active": 1, "ready": 1})
+        deadline_s = (job.get("spec") or {}).get("activeDeadlineSeconds")
+        self._running[meta["uid"]] = _Running(job, record, run, proc, term_path, log_file,
+                                              time.monotonic() + float(deadline_s) if deadline_s else None)
+        log.info("kubelet: started %s/%s pod %s: %s", ns, meta["name"], pod_name, argv)
+
+    def _kill(self, running: _Running) -> None:
+        proc = running.proc
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(self.grace)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+        running.log_file.close()
+        running.run.exit_code = proc.returncode
+        running.run.finished = time.monotonic()
+
+    def _read_message(self, running: _Running, container: Mapping[str, Any], exit_code: int) -> str:
+        data = running.term_path.read_bytes()[:MESSAGE_LIMIT] if running.term_path.exists() else b""
+        message = data.decode(errors="replace")
+        if not message.strip() and exit_code != 0 and container.get("terminationMessagePolicy") == \
+                "FallbackToLogsOnError":
+            lines = running.run.log_path.read_bytes().splitlines()[-80:]
+            message = b"\n".join(lines)[-2048:].decode(errors="replace")
+        return message
+
+    def _finish_pod(self, running: _Running, exit_code: int, reason: str | None = None) -> str:
+        container = self._container(running.job)
+        if not running.log_file.closed:
+            running.log_file.close()
+        message = self._read_message(running, container, exit_code)
+        run = running.run
+        run.exit_code, run.message, run.finished = exit_code, message, time.monotonic()
+        terminated = {"exitCode": exit_code, "reason": reason or ("Completed" if exit_code == 0 else "Error"),
+                      "startedAt": run.started_at, "finishedAt": _now()}
+        if message:
+            terminated["message"] = message
+        self._patch_pod_status(running.job["metadata"]["namespace"], run.pod_name, {
+            "phase": "Succeeded" if exit_code == 0 else "Failed",
+            "containerStatuses": [container_status(container, run.pod_name, {"terminated": terminated})],
+        })
+        return message
+
+    def _complete(self, running: _Running, code: int) -> None:
+        # A process killed by a signal reports -N; containers report 128+N.
+        exit_code = code if code >= 0 else 128 - code
+        self._finish_pod(running, exit_code)
+        job, record = running.job, running.record
+        log.info("kubelet: %s/%s pod %s exited %s", job["metadata"]["namespace"], job["metadata"]["name"],
+                 running.run.pod_name, exit_code)
+        if exit_code == 0:
+            self._succeed_job(job, record)
+        else:
+            self._after_failure(job, record, self._container(job), exit_code, running.run.pod_name)
+
+    def _after_failure(self, job: dict[str, Any], record: JobRecord, container: Mapping[str, Any],
+                       exit_code: int, pod_name: str) -> None:
+        spec = job.get("spec") or {}
+        ns = job["metadata"]["namespace"]
+        cname = container.get("name", "main")
+        action = "Count"
+        for index, rule in enumerate((spec.get("podFailurePolicy") or {}).get("rules") or []):
+            on_codes = rule.get("onExitCodes")
+            if not on_codes:
+                continue  # onPodConditions (DisruptionTarget, ...) never happen here
+            if on_codes.get("containerName") not in (None, cname):
+                continue
+            values = set(on_codes.get("values") or [])
+            matched = exit_code in values if on_codes.get("operator", "In") == "In" else exit_code not in values
+            if matched:
+                action = rule.get("action", "Count")
+                if action in ("FailJob", "FailIndex"):
+                    self._fail_job(job, record, "PodFailurePolicy",
+                                   f"Container {cname} for pod {ns}/{pod_name} failed with exit code "
+                                   f"{exit_code} matching FailJob rule at index {index}")
+                    return
+                break
+        status = job.get("status") or {}
+        failed = int(status.get("failed") or 0) + (0 if action == "Ignore" else 1)
+        backoff_limit = int(spec.get("backoffLimit", 6))
+        if failed > backoff_limit:
+            self._patch_job_status(job, {"failed": failed})
+            job = {**job, "status": {**status, "failed": failed}}
+            self._fail_job(job, record, "BackoffLimitExceeded", "Job has reached the specified backoff limit")
+            return
+        self._patch_job_status(job, {"failed": failed, "active": None, "ready": 0})
+        self._not_before[job["metadata"]["uid"]] = time.monotonic() + self.retry_delay
+
+    def _conditions(self, job: Mapping[str, Any], *new: dict[str, Any]) -> list[dict[str, Any]]:
+        now = _now()
+        keep = [c for c in ((job.get("status") or {}).get("conditions") or [])
+                if c.get("type") not in {n["type"] for n in new}]
+        return keep + [{"status": "True", "lastProbeTime": now, "lastTransitionTime": now, **n} for n in new]
+
+    def _succeed_job(self, job: dict[str, Any], record: JobRecord) -> None:
+        now = _now()
+        status = job.get("status") or {}
+        self._patch_job_status(job, {
+            "startTime": status.get("startTime") or now,
+            "completionTime": now,
+            "active": None,
+            "ready": 0,
+            "succeeded": 1,
+            "conditions": self._conditions(
+                job,
+                {"type": "SuccessCriteriaMet", "reason": "CompletionsReached",
+                 "message": "Reached expected number of succeeded pods"},
+                {"type": "Complete", "reason": "CompletionsReached",
+                 "message": "Reached expected number of succeeded pods"},
+            ),
+        })
+        self._mark_done(job, record, "Complete", "CompletionsReached")
+
+    def _fail_job(self, job: dict[str, Any], record: JobRecord, reason: str, message: str) -> None:
+        self._patch_job_status(job, {
+            "active": None,
+            "ready": 0,
+            "failed": max(1, int((job.get("status") or {}).get("failed") or 0)),
+            "conditions": self._conditions(job, {"type": "FailureTarget", "reason": reason, "message": message},
+                                           {"type": "Failed", "reason": reason, "message": message}),
+        })
+        self._mark_done(job, record, "Failed", reason)
+
+    def _mark_done(self, job: Mapping[str, Any], record: JobRecord, outcome: str, reason: str) -> None:
+        uid = job["metadata"]["uid"]
+        self._done.add(uid)
+        self._not_before.pop(uid, None)
+        record.outcome, record.reason, record.finished_at = outcome, reason, time.time()
+
+    def _write_suspended(self, job: dict[str, Any], pod_name: str | None) -> None:
+        ns = job["metadata"]["namespace"]
+        if pod_name:
+            self.server.delete(PODS, ns, pod_name)
+        self._suspended.add(job["metadata"]["uid"])
+        self._patch_job_status(job, {
+            "active": None, "ready": 0, "startTime": None,
+            "conditions": self._conditions(job, {"type": "Suspended", "reason": "JobSuspended",
+                                                 "message": "Job suspended"}),
+        })
+
+    def _complete_instantly(self, job: dict[str, Any]) -> None:
+        record = self._record_for(job)
+        uid = job["metadata"]["uid"]
+        self._suspended.discard(uid)
+        try:
+            container = self._container(job)
+        except ValueError as e:
+            self._fail_job(job, record, "InvalidPodTemplate", str(e))
+            return
+        message = self.instant_message(job) if callable(self.instant_message) else self.instant_message
+        now = _now()
+        manifest = self._pod_manifest(job, container, "Succeeded", {"terminated": {
+            "exitCode": 0, "reason": "Completed", "message": message, "startedAt": now, "finishedAt": now}})
+        self.server.create(PODS, manifest, job["metadata"]["namespace"])
+        record.pods.append(PodRun(manifest["metadata"]["name"], [], self.workdir / "none", exit_code=0,
+                                  message=message, finished=time.monotonic()))
+        self._succeed_job(job, record)
