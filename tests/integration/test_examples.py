@@ -25,8 +25,13 @@ def test_there_are_examples():
 def test_example_loads_and_validates(path):
     run = load_run(path)
     assert run.kind == "RLoopRun" and run.metadata.name
-    proc = subprocess.run([sys.executable, "-m", "rloop", "validate", str(path)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "rloop", "validate", str(path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     assert f'"name": "{run.metadata.name}"' in proc.stdout
 

@@ -62,14 +62,28 @@ def write_doc(doc: dict, path: Path) -> Path:
 def base_env(cache: Path) -> dict[str, str]:
     """Quiet, single-threaded, offline subprocesses with no ambient S3 settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_", "RLOOP_"))}
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", TQDM_DISABLE="1",
-               HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", PYTHONUNBUFFERED="1", RLOOP_CACHE=str(cache))
+    env.update(
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        TQDM_DISABLE="1",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_VERBOSITY="error",
+        PYTHONUNBUFFERED="1",
+        RLOOP_CACHE=str(cache),
+    )
     return env
 
 
 def rloop(*args: str, env: dict[str, str], timeout: float = RUN_TIMEOUT_S) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "rloop", *map(str, args)], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "rloop", *map(str, args)],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def explain(proc: subprocess.CompletedProcess) -> str:
@@ -125,8 +139,14 @@ def start_run(cfg: Path, store: Path, env: dict[str, str], logs: Path, **kw) -> 
     """`rloop run` in the background; output to files (a full pipe would block it)."""
     out, err = open(logs.with_suffix(".out"), "w"), open(logs.with_suffix(".err"), "w")  # noqa: SIM115
     try:
-        return subprocess.Popen([sys.executable, "-m", "rloop", "run", str(cfg), "--store", str(store)],
-                                env=env, cwd=ROOT, stdout=out, stderr=err, **kw)
+        return subprocess.Popen(
+            [sys.executable, "-m", "rloop", "run", str(cfg), "--store", str(store)],
+            env=env,
+            cwd=ROOT,
+            stdout=out,
+            stderr=err,
+            **kw,
+        )
     finally:
         out.close()
         err.close()
@@ -167,8 +187,13 @@ def full_runs(work, store_root, env):
         t0 = time.monotonic()
         proc = rloop("run", cfg, "--store", store_root, env=env)
         assert proc.returncode == 0, explain(proc)
-        out[key] = {"doc": doc, "cfg": cfg, "proc": proc, "dir": store_root / "default" / name,
-                    "seconds": time.monotonic() - t0}
+        out[key] = {
+            "doc": doc,
+            "cfg": cfg,
+            "proc": proc,
+            "dir": store_root / "default" / name,
+            "seconds": time.monotonic() - t0,
+        }
     return out
 
 
@@ -192,7 +217,10 @@ def test_full_rloop_run_commits_every_stage(full_runs, store_root):
     assert pk["1"] <= pk["2"] <= pk["4"]
 
     for k in range(2):
-        rows = [json.loads(line) for line in (a["dir"] / f"iter-{k:03d}/rl/metrics.jsonl").read_text().splitlines()]
+        rows = [
+            json.loads(line)
+            for line in (a["dir"] / f"iter-{k:03d}/rl/metrics.jsonl").read_text().splitlines()
+        ]
         assert [r["step"] for r in rows] == [0, 1, 2, 3]
         assert all(0.0 <= r["reward"] <= 1.0 for r in rows)
 
@@ -202,7 +230,7 @@ def test_full_rloop_run_commits_every_stage(full_runs, store_root):
     assert_png(report / "eval.png")
 
     out = a["proc"].stdout
-    assert "Run small (rloop) finished" in out and "10 stages run now" in out
+    assert "Run small (rloop) finished" in out and "10 stages run now" in out, explain(a["proc"])
     assert "| policy |" in out and "heldout pass@4" in out
     for row in ("| P_0 (base) |", "| iter 0 |", "| iter 1 |"):
         assert row in out, out
@@ -213,15 +241,24 @@ def test_full_rloop_run_commits_every_stage(full_runs, store_root):
 def test_rl_mode_runs_only_rl_and_eval(full_runs, store_root):
     b = full_runs["B"]
     ids = stage_ids(b["doc"])
-    assert ids == ["base/init", "base/eval/heldout", "iter-000/rl", "iter-000/eval/heldout",
-                   "iter-001/rl", "iter-001/eval/heldout"]
+    assert ids == [
+        "base/init",
+        "base/eval/heldout",
+        "iter-000/rl",
+        "iter-000/eval/heldout",
+        "iter-001/rl",
+        "iter-001/eval/heldout",
+    ]
     store = RunStore(str(store_root), "default", "small-rl")
     assert store.committed() == set(ids)
     for sid in ids:
         store.validate(sid, deep=True)
     assert not list(b["dir"].glob("iter-*/verify")) and not list(b["dir"].glob("iter-*/rft"))
     # mode rl evaluates the RL end policy; the base policy came from the shared cache
-    assert json.loads((b["dir"] / "iter-001/eval/heldout/metrics.json").read_text())["policy"] == "iter-001/rl/final"
+    assert (
+        json.loads((b["dir"] / "iter-001/eval/heldout/metrics.json").read_text())["policy"]
+        == "iter-001/rl/final"
+    )
     assert json.loads((b["dir"] / "base/init/_COMMIT.json").read_text())["summary"]["cache"] == "hit"
     assert "Run small-rl (rl) finished" in b["proc"].stdout and "n/a (rl)" in b["proc"].stdout
 
@@ -352,7 +389,8 @@ def test_corrupt_policy_is_invalidated_and_rerun(full_runs, work, store_root, en
     old, new = json.loads(before["iter-000/rft"]), json.loads(after["iter-000/rft"])
     assert new["created"] > old["created"]
     assert {k: v for k, v in after.items() if k != "iter-000/rft"} == {
-        k: v for k, v in before.items() if k != "iter-000/rft"}
+        k: v for k, v in before.items() if k != "iter-000/rft"
+    }
     for sid in after:
         store.validate(sid, deep=True)
 
@@ -380,7 +418,9 @@ def test_stage_without_iteration_exits_2(full_runs, env):
 
 def test_train_file_without_answer_field_exits_2(full_runs, work, store_root, env):
     bad = work / "bad-train.jsonl"
-    bad.write_text("".join(json.dumps({"prompt": f"{i}+1=", "solution": str(i + 1)}) + "\n" for i in range(4)))
+    bad.write_text(
+        "".join(json.dumps({"prompt": f"{i}+1=", "solution": str(i + 1)}) + "\n" for i in range(4))
+    )
     doc = small_doc("badfile", iterations=1)
     s = doc["spec"]
     s["model"] = {"base": str(full_runs["A"]["dir"] / "base/init/policy")}  # a saved tiny policy
@@ -449,9 +489,14 @@ def test_run_against_s3(seaweedfs, s3_env, work, monkeypatch):
     assert "Run s3run (rloop) finished" in proc.stdout and "| iter 0 |" in proc.stdout
     assert f"report: {root}/default/s3run/report/report.md" in proc.stdout
 
-    fs = s3fs.S3FileSystem(key=seaweedfs.access_key, secret=seaweedfs.secret_key, endpoint_url=seaweedfs.endpoint,
-                           client_kwargs={"region_name": "us-east-1"}, use_listings_cache=False,
-                           skip_instance_cache=True)
+    fs = s3fs.S3FileSystem(
+        key=seaweedfs.access_key,
+        secret=seaweedfs.secret_key,
+        endpoint_url=seaweedfs.endpoint,
+        client_kwargs={"region_name": "us-east-1"},
+        use_listings_cache=False,
+        skip_instance_cache=True,
+    )
     base = f"{seaweedfs.bucket}/{prefix}/default/s3run"
     found = {p.removeprefix(base + "/").rsplit("/", 1)[0] for p in fs.glob(f"{base}/**/{MANIFEST}")}
     assert found == set(stage_ids(doc))
