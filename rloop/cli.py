@@ -52,7 +52,21 @@ def _cmd_stage(args) -> int:
     if args.kind not in ("init", "eval") and args.iteration is None:
         print(f"rloop stage {args.kind} needs --iteration K", file=sys.stderr)
         return EXIT_INVALID_INPUT
-    return run_stage(args.run, Stage(args.kind, args.iteration, args.set))
+    _exit_now(run_stage(args.run, Stage(args.kind, args.iteration, args.set)))
+
+
+def _exit_now(code: int):
+    """End a stage process with exactly its exit code. Native thread pools (pyarrow's, seen in `verify`)
+    sometimes abort in C++ static destructors at interpreter exit ("terminate called without an active
+    exception", SIGABRT) after the stage committed, which would break the exit-code contract. So: run the
+    atexit hooks, flush, and `os._exit` past the teardown. (In-process callers use rloop.stages.run_stage.)"""
+    import atexit
+    import os
+
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _cmd_status(args) -> int:
