@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -97,6 +98,13 @@ def stage_ids(doc: dict) -> list[str]:
 def manifests(run_dir: Path) -> dict[str, str]:
     """stage id -> the raw text of its commit manifest."""
     return {str(p.parent.relative_to(run_dir)): p.read_text() for p in run_dir.rglob(MANIFEST)}
+
+
+def started(proc: subprocess.CompletedProcess) -> list[str]:
+    """Stage ids the runner started, in order, from its `[ i/N] <stage>` lines; every stage must have
+    exited 0 (a committed stage that then crashed would show as `exited N; retrying`)."""
+    assert " exited " not in proc.stderr and "(attempt " not in proc.stderr, explain(proc)
+    return re.findall(r"^\[\s*\d+/\d+\] (\S+)$", proc.stderr, flags=re.M)
 
 
 def wait_for(cond, timeout: float, what: str, proc: subprocess.Popen | None = None):
@@ -231,11 +239,11 @@ def test_full_rloop_run_commits_every_stage(full_runs, store_root):
 
     out = a["proc"].stdout
     assert "Run small (rloop) finished" in out and "10 stages run now" in out, explain(a["proc"])
+    assert started(a["proc"]) == ids
     assert "| policy |" in out and "heldout pass@4" in out
     for row in ("| P_0 (base) |", "| iter 0 |", "| iter 1 |"):
         assert row in out, out
     assert f"report: {store.uri}/report/report.md" in out
-    assert "[10/10] iter-001/eval/heldout" in a["proc"].stderr
 
 
 def test_rl_mode_runs_only_rl_and_eval(full_runs, store_root):
@@ -315,6 +323,7 @@ def test_sigkill_mid_stage_then_resume_redoes_nothing(work, store_root, env):
 
     proc = rloop("run", cfg, "--store", store_root, "--no-report", env=env)
     assert proc.returncode == 0, explain(proc)
+    assert started(proc) == ["iter-000/rl", "iter-000/eval/heldout"]
     assert "2 stages run now" in proc.stdout
     after = manifests(run_dir)
     assert set(after) == set(stage_ids(doc))
@@ -348,6 +357,7 @@ def test_ctrl_c_exits_130_then_resume(work, store_root, env):
 
     proc = rloop("run", cfg, "--store", store_root, "--no-report", env=env)
     assert proc.returncode == 0, explain(proc)
+    assert started(proc) == ["iter-000/rl", "iter-000/eval/heldout"]
     assert "2 stages run now" in proc.stdout
     after = manifests(run_dir)
     assert set(after) == set(stage_ids(doc)) and after["base/init"] == before["base/init"]
@@ -383,7 +393,7 @@ def test_corrupt_policy_is_invalidated_and_rerun(full_runs, work, store_root, en
 
     proc = rloop("run", cfg, "--store", store_root, "--no-report", env=env)
     assert proc.returncode == 0, explain(proc)
-    assert "1 stages run now" in proc.stdout and "iter-000/rft" in proc.stderr
+    assert started(proc) == ["iter-000/rft"] and "1 stages run now" in proc.stdout
     after = manifests(run_dir)
     assert set(after) == set(before)
     old, new = json.loads(before["iter-000/rft"]), json.loads(after["iter-000/rft"])
@@ -464,6 +474,7 @@ def test_more_iterations_runs_only_the_new_stages(full_runs, work, store_root, e
     cfg = write_doc(doc, work / "small-rl-more.yaml")
     proc = rloop("run", cfg, "--store", store_root, "--no-report", env=env)
     assert proc.returncode == 0, explain(proc)
+    assert started(proc) == ["iter-002/rl", "iter-002/eval/heldout"]
     assert "2 stages run now" in proc.stdout and "| iter 2 |" in proc.stdout
     after = manifests(run_dir)
     assert set(after) - set(before) == {"iter-002/rl", "iter-002/eval/heldout"}
