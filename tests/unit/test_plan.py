@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import pytest
 
 from rloop.plan import Stage, all_stages, dependencies, plan, policy_in, policy_out, rft_init_policy
 from rloop.spec import RLoopRunSpec, parse_run
-
-
-def _merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in patch.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
+from tests.helpers import deep_merge
 
 
 def make_spec(patch: dict[str, Any] | None = None, *, sets: tuple[str, ...] = ("heldout",)) -> RLoopRunSpec:
@@ -35,7 +25,7 @@ def make_spec(patch: dict[str, Any] | None = None, *, sets: tuple[str, ...] = ("
         "apiVersion": "rloop.dev/v1alpha1",
         "kind": "RLoopRun",
         "metadata": {"name": "t"},
-        "spec": _merge(spec, patch or {}),
+        "spec": deep_merge(spec, patch or {}),
     }
     return parse_run(doc).spec
 

@@ -18,18 +18,12 @@ from rloop.policy import (
     trainable_parameters,
 )
 from rloop.spec import LoraSpec, TinyModel
+from tests.helpers import one_torch_thread  # noqa: F401  (autouse fixture)
 
 PROMPT = "38152/09:"
 TINY = TinyModel(hidden_size=32, layers=2, heads=2, seed=0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one intra-op thread, and do not oversubscribe a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _logits(model, ids: list[int]) -> torch.Tensor:

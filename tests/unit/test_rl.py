@@ -15,6 +15,7 @@ from rloop.policy import attach_lora, build_tiny
 from rloop.rollout.hf import HFEngine
 from rloop.spec import LoraSpec, RLSpec, TinyModel
 from rloop.train.rl import PromptSampler, RLTrainer, advantages_with_unscorable, shaped_rewards
+from tests.helpers import one_torch_thread  # noqa: F401  (autouse fixture)
 
 NAN = float("nan")
 METRIC_KEYS = {
@@ -24,13 +25,6 @@ METRIC_KEYS = {
 EXAMPLES = make_split("train", 16, seed=0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one intra-op thread, and do not oversubscribe a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def render(e):

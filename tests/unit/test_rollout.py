@@ -12,18 +12,12 @@ from rloop.rollout import SamplingParams, make_engine
 from rloop.rollout.hf import HFEngine
 from rloop.spec import TinyModel
 from rloop.train.batching import forward_logprobs, pack
+from tests.helpers import one_torch_thread  # noqa: F401  (autouse fixture)
 
 # Different lengths on purpose: generation left-pads, the trainer right-pads; both must agree.
 PROMPTS = ["38152/09:", "1/2:", "4", "97531/17:"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one intra-op thread, and do not oversubscribe a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -12,15 +12,7 @@ from rloop.policy import build_tiny
 from rloop.spec import TinyModel
 from rloop.train.batching import pack
 from rloop.train.sft import encode_pairs, epochs_to_steps, mean_nll, sft_train
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one intra-op thread, and do not oversubscribe a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from tests.helpers import one_torch_thread  # noqa: F401  (autouse fixture)
 
 
 def test_sft_lowers_nll_on_the_expert_set():

@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from rloop.spec import RLoopRun, SpecError, load_run, parse_run, parse_spec
-
-
-def _merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in patch.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
+from tests.helpers import deep_merge
 
 BASE_SPEC: dict[str, Any] = {
     "model": {"base": "builtin:tiny"},
@@ -35,7 +24,7 @@ def doc(spec_patch: dict[str, Any] | None = None) -> dict[str, Any]:
         "apiVersion": "rloop.dev/v1alpha1",
         "kind": "RLoopRun",
         "metadata": {"name": "demo"},
-        "spec": _merge(BASE_SPEC, spec_patch or {}),
+        "spec": deep_merge(BASE_SPEC, spec_patch or {}),
     }
 
 
