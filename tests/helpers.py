@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
+
+TINY = Path(__file__).resolve().parents[1] / "examples" / "tiny.yaml"
 
 
 def deep_merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
@@ -28,3 +32,21 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def small_doc(name: str, *, mode: str = "rloop", iterations: int = 2, eval_base: bool = True) -> dict:
+    """examples/tiny.yaml shrunk so that a whole run is seconds per stage."""
+    doc = yaml.safe_load(TINY.read_text())
+    doc["metadata"]["name"] = name
+    s = doc["spec"]
+    s["mode"] = mode
+    s["model"]["tiny"].update(hiddenSize=64, layers=2, warmupSteps=40)
+    s["data"]["train"]["synthetic"]["size"] = 32
+    s["data"]["eval"][0]["synthetic"]["size"] = 16
+    s["data"]["eval"][0]["samplesPerPrompt"] = 4
+    s["loop"]["iterations"] = iterations
+    s["loop"]["rl"].update(steps=4, promptsPerStep=4, samplesPerPrompt=4)
+    s["loop"]["rft"]["maxSteps"] = 4
+    s["loop"]["eval"]["kList"] = [1, 2, 4]
+    s["loop"]["eval"]["evalBase"] = eval_base
+    return doc

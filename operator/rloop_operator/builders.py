@@ -26,7 +26,7 @@ METRICS_PORT = 9400
 RUN_AS = 1000
 GPU_RESOURCE = "nvidia.com/gpu"
 S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
-S3_OPTIONAL_SECRET_KEYS = ("AWS_ENDPOINT_URL",)
+S3_OPTIONAL_SECRET_KEYS = ("AWS_ENDPOINT_URL", "AWS_REGION")
 ENV_RUN_MANIFEST = "RLOOP_RUN_MANIFEST"
 
 _RESOURCE_FIELDS = ("image", "gpus", "cpu", "memory", "node_selector", "tolerations", "priority_class_name")

@@ -207,3 +207,30 @@ def observe_jobs(
         if view is not None:
             seen[view.name] = view
     return sorted(seen.values(), key=lambda v: (stage_order(v.stage), v.attempt, v.name))
+
+
+JOB_NAME_LABELS = ("batch.kubernetes.io/job-name", "job-name")
+
+
+def termination_messages(pods: list[dict[str, Any]], container: str) -> dict[str, str]:
+    """Job name → the termination message of its pod's terminated `container` (latest pod wins).
+
+    Pods come from a LIST; a Job has one pod (restartPolicy Never, backoffLimit 0) unless a disruption
+    replaced it, in which case the most recently started one is the one that decided the Job."""
+    found: dict[str, tuple[str, str]] = {}
+    for pod in pods:
+        if not isinstance(pod, dict):
+            continue
+        labels = (pod.get("metadata") or {}).get("labels") or {}
+        job = next((labels[k] for k in JOB_NAME_LABELS if isinstance(labels.get(k), str)), None)
+        status = pod.get("status") or {}
+        for cs in status.get("containerStatuses") or []:
+            if not isinstance(cs, dict) or cs.get("name") != container:
+                continue
+            terminated = (cs.get("state") or {}).get("terminated")
+            if job is None or not isinstance(terminated, dict):
+                continue
+            started = str(terminated.get("startedAt") or status.get("startTime") or "")
+            if job not in found or started >= found[job][0]:
+                found[job] = (started, str(terminated.get("message") or ""))
+    return {job: message for job, (_, message) in found.items()}

@@ -25,7 +25,7 @@ from rloop.plan import Stage, dependencies, plan, policy_out
 from rloop.spec import RLoopRunSpec, RLoopRunStatus, SpecError, parse_spec
 from rloop_operator.builders import build_job
 from rloop_operator.conditions import CONDITION_TYPES, get_condition, set_condition
-from rloop_operator.jobs import JobView, format_time, observe_jobs, stage_order
+from rloop_operator.jobs import JobView, format_time, observe_jobs, parse_time, stage_order
 from rloop_operator.naming import job_name
 
 HISTORY_LIMIT = 20
@@ -72,6 +72,12 @@ class Actions:
     events: list[Event] = field(default_factory=list)
     requeue_after: float | None = None
     """Seconds until a retry is due (nothing else will wake the operator then); None: wait for events."""
+    finished: list[JobView] = field(default_factory=list)
+    """Jobs the old status did not yet show as finished (for duration/failure metrics, counted once)."""
+    progress: tuple[int, int] | None = None
+    """(stages committed, stages in the plan); None when the spec is invalid."""
+    last_activity: datetime | None = None
+    """When a stage Job of the run last was created, started or finished (for "stuck" alerts)."""
 
 
 @dataclass(frozen=True)
@@ -295,17 +301,26 @@ def _progress(done: int, total: int) -> str:
     return f"{done}/{total} stages committed"
 
 
+def newly_finished(old: dict[str, Any], new: dict[str, Any], views: list[JobView]) -> list[JobView]:
+    """Finished Jobs in the new status's history that the old status did not show in that state."""
+    old_states = {h.get("job"): h.get("state") for h in old.get("history") or [] if isinstance(h, dict)}
+    in_history = {h["job"] for h in new.get("history") or []}
+    return [v for v in views if v.name in in_history and v.finished and old_states.get(v.name) != v.state]
+
+
+def last_activity(views: list[JobView]) -> datetime | None:
+    """Latest creation, start or end time among the run's Jobs."""
+    times = [parse_time(t) for v in views for t in (v.created, v.start_time, v.end_time)]
+    return max((t for t in times if t is not None), default=None)
+
+
 def _events(
     old: dict[str, Any], new: dict[str, Any], views: list[JobView], created: list[_Decision]
 ) -> list[Event]:
     """Events for what changed between the old and the new status, in causal order: Jobs that finished,
     Jobs being created, then the run's own transitions."""
     events: list[Event] = []
-    old_states = {h.get("job"): h.get("state") for h in old.get("history") or [] if isinstance(h, dict)}
-    in_history = {h["job"] for h in new.get("history") or []}
-    for v in views:
-        if v.name not in in_history or not v.finished or old_states.get(v.name) == v.state:
-            continue
+    for v in newly_finished(old, new, views):
         if v.state == "Succeeded":
             events.append(("Normal", "StageSucceeded", f"stage {v.stage.id}: Job {v.name} succeeded"))
         else:
@@ -345,6 +360,8 @@ def _finish(
 ) -> Actions:
     actions.status = RLoopRunStatus.model_validate(new).to_wire()
     actions.status_changed = actions.status != _owned(old)
+    actions.finished = newly_finished(old, actions.status, views)
+    actions.last_activity = last_activity(views)
     # Kubernetes caps an Event's message at 1 KiB.
     actions.events = [
         (t, r, m[:EVENT_MESSAGE_MAX]) for t, r, m in _events(old, actions.status, views, created)
@@ -407,7 +424,7 @@ def reconcile(obs: Observed, *, default_image: str) -> Actions:
     failed = [d for d in decisions if d.kind == "failed"]
     progress = _progress(p.done, p.total)
 
-    actions = Actions()
+    actions = Actions(progress=(p.done, p.total))
     if spec.suspend:
         actions.suspend_jobs = [v.name for v in views if not v.finished and not v.suspended]
     else:

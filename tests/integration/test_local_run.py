@@ -27,34 +27,16 @@ import yaml
 from rloop.plan import Stage, all_stages, plan
 from rloop.spec import parse_run
 from rloop.store import MANIFEST, RunStore
+from tests.helpers import small_doc
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ROOT / "examples" / "tiny.yaml"
 RUN_TIMEOUT_S = 180  # one small run takes well under a minute on 2 cores
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def small_doc(name: str, *, mode: str = "rloop", iterations: int = 2, eval_base: bool = True) -> dict:
-    """examples/tiny.yaml shrunk so that a whole run is seconds per stage."""
-    doc = yaml.safe_load(TINY.read_text())
-    doc["metadata"]["name"] = name
-    s = doc["spec"]
-    s["mode"] = mode
-    s["model"]["tiny"].update(hiddenSize=64, layers=2, warmupSteps=40)
-    s["data"]["train"]["synthetic"]["size"] = 32
-    s["data"]["eval"][0]["synthetic"]["size"] = 16
-    s["data"]["eval"][0]["samplesPerPrompt"] = 4
-    s["loop"]["iterations"] = iterations
-    s["loop"]["rl"].update(steps=4, promptsPerStep=4, samplesPerPrompt=4)
-    s["loop"]["rft"]["maxSteps"] = 4
-    s["loop"]["eval"]["kList"] = [1, 2, 4]
-    s["loop"]["eval"]["evalBase"] = eval_base
-    return doc
-
-
 def write_doc(doc: dict, path: Path) -> Path:
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
