@@ -16,11 +16,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from rloop_operator.builders import CONTAINER, resume_patch, suspend_patch
-from rloop_operator.jobs import format_time, parse_time, termination_messages, view_job
+from rloop_operator.jobs import format_time, needs_message, parse_time, termination_messages, view_job
 from rloop_operator.k8s import KubeApi
 from rloop_operator.metrics import OperatorMetrics, RunKey, RunState
 from rloop_operator.naming import parse_job_labels, run_selector
-from rloop_operator.reconcile import Actions, Observed, reconcile, status_patch
+from rloop_operator.reconcile import Actions, Observed, reconcile, status_patch, without_started
 from rloop_operator.settings import OperatorSettings
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,8 @@ class Controller:
         self._message_tries: dict[RunKey, dict[str, int]] = {}
         self._written: dict[RunKey, str] = {}
         """Per run: resourceVersion our last status patch produced (its watch event needs no pass)."""
+        self._job_versions: dict[RunKey, dict[str, str]] = {}
+        """Per run: Job name → resourceVersion this controller last saw (listed or created)."""
 
     # ---------------------------------------------------------------------------------------- entry
     def reconcile(self, key: RunKey) -> float | None:
@@ -65,11 +67,17 @@ class Controller:
     def is_own_write(self, key: RunKey, resource_version: str | None) -> bool:
         return resource_version is not None and self._written.get(key) == resource_version
 
+    def is_known_job(self, key: RunKey, job: str, resource_version: str | None) -> bool:
+        """The Job is in the state the last pass saw (e.g. the watch event of our own create)."""
+        seen = self._job_versions.get(key)
+        return resource_version is not None and seen is not None and seen.get(job) == resource_version
+
     def forget(self, key: RunKey) -> None:
         with self._lock:
             self._messages.pop(key, None)
             self._message_tries.pop(key, None)
             self._written.pop(key, None)
+            self._job_versions.pop(key, None)
         self.metrics.forget_run(key)
 
     # ----------------------------------------------------------------------------------------- pass
@@ -82,6 +90,7 @@ class Controller:
             self.forget(key)
             return None
         jobs = self.api.list_jobs(namespace, run_selector(name))
+        versions = {_name(j): _version(j) for j in jobs}
         status = run.get("status") if isinstance(run.get("status"), dict) else {}
         now = self.clock()
         actions = reconcile(
@@ -98,13 +107,15 @@ class Controller:
             ),
             default_image=self.settings.image,
         )
-        conflict = self._apply(key, run, status, jobs, actions, now)
+        conflict = self._apply(key, run, status, versions, actions, now)
+        self._job_versions[key] = versions
         self._record(key, actions, now)
         delays = [d for d in (actions.requeue_after, conflict) if d is not None]
         return min([*delays, self.settings.resync_seconds])
 
     def _termination_messages(self, key: RunKey, jobs: list[dict[str, Any]]) -> dict[str, str]:
-        """Messages of the run's finished Jobs; lists the run's pods only when one is not known yet."""
+        """Messages of the run's finished Jobs that matter (`needs_message`); lists the run's pods only
+        when one of those is not known yet."""
         with self._lock:
             cache = self._messages.setdefault(key, {})
             tries = self._message_tries.setdefault(key, {})
@@ -114,7 +125,7 @@ class Controller:
             meta = job.get("metadata") or {}
             uid, name = str(meta.get("uid") or ""), str(meta.get("name") or "")
             view = view_job(job)
-            if view is None or not view.finished:
+            if view is None or not view.finished or not needs_message(view):
                 continue
             if uid in cache:
                 out[name] = cache[uid]
@@ -138,27 +149,32 @@ class Controller:
         key: RunKey,
         run: dict[str, Any],
         old_status: dict[str, Any],
-        jobs: list[dict[str, Any]],
+        versions: dict[str, str],
         actions: Actions,
         now: datetime,
     ) -> float | None:
-        """Apply the actions; returns a retry delay when a Job name was held by a Job not ours."""
+        """Apply the actions; returns a retry delay when a Job name was held by a Job not ours.
+        `versions` (the listed Jobs) gains the Jobs created here."""
         namespace, name = key
-        existing = {(j.get("metadata") or {}).get("name") for j in jobs}
         conflict: float | None = None
+        not_created: set[str] = set()
         for body in actions.create_jobs:
             job = body["metadata"]["name"]
-            if job in existing:
+            if job in versions:
                 # Listed but not observed as ours: another owner's Job of the same name (a deleted run of
                 # the same name whose Jobs are still being garbage-collected). Wait for it to go.
                 log.warning(
                     "%s/%s: Job %s exists but is not owned by this run; retrying", namespace, name, job
                 )
                 conflict = NAME_CONFLICT_RETRY
+                not_created.add(job)
                 continue
-            if self.api.create_job(namespace, body) is None:
+            created = self.api.create_job(namespace, body)
+            if created is None:
                 log.info("%s/%s: Job %s already exists (created by an earlier pass)", namespace, name, job)
+                not_created.add(job)
                 continue
+            versions[job] = _version(created)
             parsed = parse_job_labels(body["metadata"].get("labels"))
             kind = parsed[0].kind if parsed else "unknown"
             self.metrics.stage_attempts.labels(namespace, name, kind).inc()
@@ -172,7 +188,7 @@ class Controller:
             if rv is not None:
                 self._written[key] = rv
         stamp = format_time(now)
-        for type_, reason, message in actions.events:
+        for type_, reason, message in without_started(actions.events, not_created):
             self.api.create_event(run, type_, reason, message, stamp)
         for view in actions.finished:
             if view.state == "Failed":
@@ -209,3 +225,11 @@ class Controller:
                 last_activity=activity.timestamp() if activity else None,
             ),
         )
+
+
+def _name(obj: dict[str, Any]) -> str:
+    return str((obj.get("metadata") or {}).get("name") or "")
+
+
+def _version(obj: dict[str, Any]) -> str:
+    return str((obj.get("metadata") or {}).get("resourceVersion") or "")

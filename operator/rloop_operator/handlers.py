@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,8 +70,11 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     metrics = OperatorMetrics()
     controller = Controller(KubeApi.from_environment(), config, metrics)
 
+    # One thread per worker: the default executor has min(32, CPUs + 4) threads and kopf uses it too.
+    executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rloop-reconcile")
+
     async def handle(key: Any) -> float | None:
-        return await asyncio.to_thread(controller.reconcile, key)
+        return await asyncio.get_running_loop().run_in_executor(executor, controller.reconcile, key)
 
     queue = WorkQueue(handle, workers=config.workers)
     metrics.queue_depth = lambda: float(queue.depth)
@@ -112,7 +116,18 @@ async def run_event(event: dict[str, Any], name: str, namespace: str, memo: kopf
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_MANAGED_BY: MANAGED_BY})
-async def job_event(body: kopf.Body, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+async def job_event(
+    event: dict[str, Any], body: kopf.Body, namespace: str, memo: kopf.Memo, **_: Any
+) -> None:
     run = owner_run(body)
-    if run:
-        memo.rloop.queue.add((namespace, run))
+    if not run:
+        return
+    runtime: Runtime = memo.rloop
+    key = (namespace, run)
+    meta = body.get("metadata") or {}
+    # The Job as the last pass saw it (e.g. our own create): nothing new to react to.
+    if event.get("type") != "DELETED" and runtime.controller.is_known_job(
+        key, meta.get("name"), meta.get("resourceVersion")
+    ):
+        return
+    runtime.queue.add(key)

@@ -210,6 +210,14 @@ def observe_jobs(
 
 
 JOB_NAME_LABELS = ("batch.kubernetes.io/job-name", "job-name")
+SUMMARY_KINDS = ("rl", "eval")
+"""Stage kinds whose succeeded summary the status uses (trainReward; evalAvgAtN, evalPassAtK)."""
+
+
+def needs_message(view: JobView) -> bool:
+    """Whether the reconcile reads this finished Job's termination message: a failed Job's tells why
+    (and which input was corrupt); a succeeded one's matters only for the metrics in the status."""
+    return view.state == "Failed" or (view.state == "Succeeded" and view.stage.kind in SUMMARY_KINDS)
 
 
 def termination_messages(pods: list[dict[str, Any]], container: str) -> dict[str, str]:

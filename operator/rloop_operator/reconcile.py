@@ -33,6 +33,7 @@ HISTORY_LIMIT = 20
 MAX_BACKOFF_SECONDS = 6 * 3600
 """Cap of the doubling retry delay (unless retry.backoffSeconds itself is larger)."""
 FINISHED = "Finished"
+STAGE_STARTED = "StageStarted"
 EVENT_MESSAGE_MAX = 1000
 MISSING_STORAGE_URI = "spec.storage.uri: required when running on Kubernetes; set it to s3://bucket/prefix"
 
@@ -301,6 +302,17 @@ def _progress(done: int, total: int) -> str:
     return f"{done}/{total} stages committed"
 
 
+def started_message(stage: Stage, job: str, attempt: int) -> str:
+    return f"stage {stage.id}: created Job {job} (attempt {attempt})"
+
+
+def without_started(events: list[Event], jobs: set[str]) -> list[Event]:
+    """`events` minus the StageStarted events of `jobs` (Jobs a create found already existing)."""
+    return [
+        e for e in events if not (e[1] == STAGE_STARTED and any(f"created Job {j} (" in e[2] for j in jobs))
+    ]
+
+
 def newly_finished(old: dict[str, Any], new: dict[str, Any], views: list[JobView]) -> list[JobView]:
     """Finished Jobs in the new status's history that the old status did not show in that state."""
     old_states = {h.get("job"): h.get("state") for h in old.get("history") or [] if isinstance(h, dict)}
@@ -326,9 +338,7 @@ def _events(
         else:
             events.append(("Warning", "JobFailed", f"stage {v.stage.id}: Job {v.name} failed: {v.detail}"))
     for d in created:
-        events.append(
-            ("Normal", "StageStarted", f"stage {d.stage.id}: created Job {d.job} (attempt {d.attempt})")
-        )
+        events.append(("Normal", STAGE_STARTED, started_message(d.stage, d.job, d.attempt)))
     old_conds = old.get("conditions") or []
 
     def flipped(t: str, status: str) -> dict[str, Any] | None:

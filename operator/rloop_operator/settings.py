@@ -30,7 +30,7 @@ class OperatorSettings(BaseModel):
         le=65535,
         description="Port of /metrics and /healthz; 0 picks a free one (…_METRICS_PORT).",
     )
-    workers: int = Field(4, ge=1, le=64, description="Runs reconciled concurrently (RLOOP_OPERATOR_WORKERS).")
+    workers: int = Field(8, ge=1, le=64, description="Runs reconciled concurrently (RLOOP_OPERATOR_WORKERS).")
     resync_seconds: float = Field(
         300.0,
         gt=0,

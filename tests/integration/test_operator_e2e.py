@@ -21,7 +21,8 @@ from typing import Any
 import pytest
 import yaml
 
-from rloop_operator.naming import run_selector
+from rloop_operator.jobs import stage_order
+from rloop_operator.naming import parse_job_labels, run_selector
 from tests.helpers import small_doc
 from tests.k8s.apiserver import EVENTS, JOBS, PODS, RLOOPRUNS, Server, start
 from tests.k8s.kubelet import Kubelet, map_executables
@@ -106,10 +107,13 @@ class Cluster:
         return wait_for(check, timeout, f"{name}: {type_}={status}", self.operator)
 
     def jobs(self, name: str) -> list[dict[str, Any]]:
-        return sorted(
-            self.server.list(JOBS, NS, labels=run_selector(name)),
-            key=lambda j: j["metadata"]["creationTimestamp"] + j["metadata"]["name"],
-        )
+        """The run's Jobs in DAG order (stage, then attempt)."""
+
+        def order(job: dict[str, Any]):
+            stage, attempt = parse_job_labels(job["metadata"]["labels"])
+            return (stage_order(stage), attempt)
+
+        return sorted(self.server.list(JOBS, NS, labels=run_selector(name)), key=order)
 
     def job_names(self, name: str) -> list[str]:
         return [j["metadata"]["name"] for j in self.jobs(name)]

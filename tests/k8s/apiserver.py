@@ -105,6 +105,7 @@ RESOURCES: dict[str, tuple[str, bool, tuple[str, ...], tuple[str, ...]]] = {
     LEASES: ("Lease", True, (), ()),
 }
 
+REQUEST_LOG_KEEP = 1  # requests kmock keeps for its DSL (see _count_and_trim); each costs every request a scan
 EVENT_LOG_SIZE = 20_000  # watch events kept for `?resourceVersion=N` replays
 
 
@@ -276,6 +277,11 @@ class PatchedEmulator(kmock.KubernetesEmulator):
     _event_log: list[tuple[int, kmock.resource, dict[str, Any]]] = attrs.field(factory=list, init=False)
     _event_floor: int = attrs.field(default=0, init=False)  # events with rv <= floor were dropped
     listeners: list[Callable[[kmock.resource, dict[str, Any]], None]] = attrs.field(factory=list, init=False)
+    served: int = attrs.field(default=0, init=False)
+    # (group, version, plural) -> namespace -> keys (insertion-ordered), for lists without a full scan.
+    _kind_index: dict[tuple[str, str, str], dict[str | None, dict[ObjKey, None]]] = attrs.field(
+        factory=dict, init=False)
+    served_watches: int = attrs.field(default=0, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -378,6 +384,7 @@ class PatchedEmulator(kmock.KubernetesEmulator):
             self.objects[key].create(obj)
         else:
             self.objects[key] = obj
+        self._kind_index.setdefault((res.group, res.version, res.plural), {}).setdefault(ns, {})[key] = None
         await self._emit(res, "ADDED", obj)
         return copy.deepcopy(obj)
 
@@ -514,24 +521,38 @@ class PatchedEmulator(kmock.KubernetesEmulator):
 
     def select(self, res: kmock.resource, namespace: str | None = None, name: str | None = None,
                label_selector: str | Mapping[str, str] | None = None,
-               field_selector: str | None = None) -> list[dict[str, Any]]:
+               field_selector: str | None = None, *, copy_out: bool = True) -> list[dict[str, Any]]:
+        """Live objects of `res` matching the arguments (deep copies unless `copy_out=False`: then the
+        caller must not mutate them)."""
         by_labels = label_selector_matcher(label_selector)
         by_fields = field_selector_matcher(field_selector)
+        if name is not None and namespace is not None or name is not None and not self._info(res).namespaced:
+            obj = self._live((res, namespace if self._info(res).namespaced else None, name))
+            candidates = [obj] if obj is not None else []
+        else:
+            by_ns = self._kind_index.get((res.group, res.version, res.plural), {})
+            keys = [k for ns, ks in by_ns.items() if namespace is None or ns == namespace for k in ks]
+            candidates = [obj for k in keys if (name is None or k[2] == name) and (obj := self._live(k))]
         result = []
-        for (r, ns, n), obj in self.objects.items():
-            if r != res or obj.deleted:
-                continue
-            if namespace is not None and ns != namespace:
-                continue
-            if name is not None and n != name:
-                continue
+        for obj in candidates:
             raw = obj.raw
             if by_labels(raw) and by_fields(raw):
-                result.append(copy.deepcopy(raw))
+                result.append(copy.deepcopy(raw) if copy_out else raw)
         return result
+
+    def _KubernetesEmulator__get_objs(self, request: rendering.Request, strict: bool) -> list[Any]:
+        # kmock scans every object (with a slow resource comparison) to serve one GET, create or
+        # patch: a direct lookup when the request names one object, kmock's scan otherwise.
+        res = request.resource
+        if res is not None and request.name is not None and res in self.resources:
+            key = (res, request.namespace if self.resources[res].namespaced else None, request.name)
+            if key in self.objects:  # soft-deleted ones too: kmock serves their last state on DELETE
+                return [self.objects[key]]
+        return super()._KubernetesEmulator__get_objs(request, strict)  # type: ignore[attr-defined]
 
     # ------------------------------------------------------------------ HTTP
     async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
+        self._count_and_trim(request)
         res = request.resource
         if res is not None and res.plural is None and request.method == enums.method.GET:
             # Group/version discovery, also with a trailing slash (the python client asks `/api/v1/`).
@@ -566,6 +587,20 @@ class PatchedEmulator(kmock.KubernetesEmulator):
         if request.action == enums.action.CREATE and response.status == 200 and not response.prepared:
             response.set_status(201)
         return response
+
+    def _count_and_trim(self, request: rendering.Request) -> None:
+        """Count the request, and keep kmock's request logs short.
+
+        kmock finds the reaction for a request by scanning every request it ever served (identity
+        search in its filters, for each of its reactions), so serving gets slower with each request:
+        quadratic over a long test or a benchmark. Only the request being served is kept (kmock's
+        request assertions are not used with this emulator); `served` keeps the count."""
+        self.served += 1
+        if request.action == enums.action.WATCH:
+            self.served_watches += 1
+        del self._requests[:-REQUEST_LOG_KEEP]
+        for payload in self._payloads:
+            del payload._requests[:-REQUEST_LOG_KEEP]
 
     async def _serve_fetch(self, request: rendering.Request) -> rendering.Payload:
         assert request.resource is not None
@@ -817,9 +852,12 @@ class Server:
         return found[0] if found else None
 
     def list(self, resource: str, namespace: str | None = None, *,
-             labels: str | Mapping[str, str] | None = None, fields: str | None = None) -> list[dict[str, Any]]:
+             labels: str | Mapping[str, str] | None = None, fields: str | None = None,
+             copy_out: bool = True) -> list[dict[str, Any]]:
+        """Matching live objects (deep copies; with `copy_out=False` the caller must not mutate them)."""
         assert self.emulator is not None
-        return self._locked(self.emulator.select, kmock.resource(resource), namespace, None, labels, fields)
+        return self._locked(self.emulator.select, kmock.resource(resource), namespace, None, labels, fields,
+                            copy_out=copy_out)
 
     def patch(self, resource: str, namespace: str | None, name: str, patch: Any, *,
               subresource: str | None = None) -> dict[str, Any]:
@@ -870,7 +908,13 @@ class Server:
     def request_count(self) -> int:
         """HTTP requests served so far (the direct helpers do not count)."""
         assert self.emulator is not None
-        return len(self.emulator._requests)
+        return self.emulator.served
+
+    @property
+    def watch_count(self) -> int:
+        """Of those, watch requests (long-lived streams)."""
+        assert self.emulator is not None
+        return self.emulator.served_watches
 
     @property
     def resource_version(self) -> int:

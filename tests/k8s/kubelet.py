@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import copy
 import datetime
 import logging
 import os
@@ -240,7 +241,8 @@ class Kubelet:
             self._wake.clear()
 
     def _scan(self) -> None:
-        jobs = {j["metadata"]["uid"]: j for j in self.server.list(JOBS, self.namespace)}
+        # Not copied (most are finished and skipped): a Job is deep-copied below before it is used.
+        jobs = {j["metadata"]["uid"]: j for j in self.server.list(JOBS, self.namespace, copy_out=False)}
         # Running processes: deleted / suspended / finished / past deadline.
         for uid in list(self._running):
             running = self._running[uid]
@@ -248,7 +250,7 @@ class Kubelet:
             if job is None:
                 self._kill(self._running.pop(uid))
                 continue
-            running.job = job
+            job = running.job = copy.deepcopy(job)
             if (job.get("spec") or {}).get("suspend"):
                 self._kill(self._running.pop(uid))
                 self._write_suspended(job, running.run.pod_name)
@@ -276,10 +278,11 @@ class Kubelet:
                 continue
             if (job.get("spec") or {}).get("suspend"):
                 if uid not in self._suspended:
-                    self._write_suspended(job, None)
+                    self._write_suspended(copy.deepcopy(job), None)
                 continue
             if self._not_before.get(uid, 0.0) > time.monotonic():
                 continue
+            job = copy.deepcopy(job)
             if self.instant:
                 self._complete_instantly(job)
                 continue

@@ -24,7 +24,7 @@ class OperatorProcess:
         log_path: Path,
         *,
         namespace: str | None = None,
-        workers: int = 4,
+        workers: int = 8,
         extra_env: dict[str, str] | None = None,
     ):
         self.server = server
