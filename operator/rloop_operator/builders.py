@@ -71,6 +71,8 @@ def _env(run_name: str, namespace: str, spec: RLoopRunSpec) -> list[dict[str, An
         # The root filesystem is read-only: libraries (HF, torch, matplotlib) write caches under $HOME.
         {"name": "HOME", "value": "/tmp"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
+        # Live step metrics (rloop.telemetry) for the chart's PodMonitor.
+        {"name": "RLOOP_METRICS_PORT", "value": str(METRICS_PORT)},
         {"name": ENV_RUN_MANIFEST, "value": run_manifest(run_name, namespace, spec)},
     ]
     secret = spec.storage.secret_ref

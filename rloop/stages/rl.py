@@ -21,6 +21,7 @@ from rloop.stages.common import StageContext, load_dataset, make_scorer, parquet
 def run(ctx: StageContext) -> dict:
     from rloop.policy import attach_lora, load_policy, save_policy
     from rloop.rollout import make_engine
+    from rloop.telemetry import StageTelemetry
     from rloop.train.rl import PromptSampler, RLTrainer
 
     spec, k = ctx.spec, ctx.iteration
@@ -32,6 +33,7 @@ def run(ctx: StageContext) -> dict:
     trainer = RLTrainer(model, tok, engine, cfg, make_scorer(spec), iteration=k)
     sampler = PromptSampler(train, seed=cfg.seed + 1000 * k)
     pool, rows = [], []
+    telemetry = StageTelemetry.from_env(ctx.run.metadata.name, ctx.stage.kind)
     ckpt_every = spec.loop.pool.checkpoint_every if spec.mode == "rloop" and spec.loop.pool.source == "checkpoints" else 0
 
     with ctx.store.stage_writer(ctx.stage.id) as w, tempfile.TemporaryDirectory() as tmp:
@@ -40,6 +42,7 @@ def run(ctx: StageContext) -> dict:
             out = trainer.step(step, sampler.next(cfg.prompts_per_step), lambda e: ctx.render(e, tok))
             pool += out.trajectories
             rows.append(out.metrics)
+            telemetry.observe_step(out.metrics)
             bar.set_postfix(reward=f"{out.metrics['reward']:.3f}", ent=f"{out.metrics['entropy']:.2f}")
             if ckpt_every and ((step + 1) % ckpt_every == 0 or step + 1 == cfg.steps):
                 d = Path(tmp) / f"step-{step + 1:06d}"
