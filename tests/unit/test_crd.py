@@ -47,6 +47,13 @@ def test_committed_crd_is_up_to_date() -> None:
     )
 
 
+def test_chart_crd_is_the_same_file() -> None:
+    chart = crd.CHART_CRD_PATH.read_text(encoding="utf-8") if crd.CHART_CRD_PATH.exists() else ""
+    assert chart == crd.render(), (
+        "charts/rloop/crds/rlooprun.yaml is out of date with rloop/spec.py; run `python -m rloop.crd --write`"
+    )
+
+
 def test_cli_prints_the_same_yaml_without_heavy_imports() -> None:
     code = (
         "import sys, runpy; sys.argv = ['rloop.crd']; "
