@@ -43,7 +43,7 @@ prometheus:
 	  { apt-get update -qq >/dev/null 2>&1 && \
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1; } || \
 	  echo "prometheus: apt-get install failed; the Prometheus tests will be skipped"; \
-	  (service prometheus stop >/dev/null 2>&1 || true); \
+	  (service prometheus stop; systemctl disable prometheus; update-rc.d prometheus disable) >/dev/null 2>&1 || true; \
 	else \
 	  echo "prometheus: not installed and cannot install (needs root and apt-get); the Prometheus tests will be skipped"; \
 	fi

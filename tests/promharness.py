@@ -1,14 +1,21 @@
 """A real Prometheus (Debian's `prometheus` package, `make prometheus`) for tests, on 127.0.0.1.
 
-    prom = Prometheus.start([ScrapeTarget("rloop-operator", "127.0.0.1:8080", labels={...},
-                                          honor_labels=True)], rule_files=[rules])
-    prom.wait_for_targets_up()
-    prom.wait_for_data('rloop_runs')
-    prom.query('sum by (condition) (rloop_runs)')
-    prom.stop()
+    with Prometheus.start({"rloop-stages": ["127.0.0.1:9400"]}, rule_files=[rules]) as prom:
+        prom.wait_for_targets_up()
+        prom.wait_for_data('rloop_runs')
+        prom.query('sum by (condition) (rloop_runs)')
+
+Targets are either `{job: ["host:port", ...]}` or a list of `ScrapeTarget` (extra target labels,
+`honor_labels`, as a ServiceMonitor would set them). The server listens on 127.0.0.1 only, with its
+config, TSDB and log in a temporary directory (`workdir=` keeps them somewhere of the caller's, e.g. under
+pytest's `tmp_path`, so the log outlives the server). Failed waits and a server that exits early raise
+with the tail of that log.
 
 `require_prometheus()` skips a test, with the reason, when the binaries are missing: such tests are
 never silently passed. Every wait is bounded.
+
+Debian's package: /usr/bin/prometheus and /usr/bin/promtool; its own config (/etc/prometheus/prometheus.yml,
+scraping :9090 and a node exporter on :9100) and TSDB (/var/lib/prometheus/metrics2) are not used here.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,13 +42,23 @@ SKIP_REASON = "Prometheus not installed: `make prometheus` installs Debian's pac
 
 
 def find_prometheus() -> tuple[str, str] | None:
-    """(prometheus, promtool) paths: $RLOOP_PROMETHEUS / $RLOOP_PROMTOOL, else $PATH."""
-    prom = os.environ.get("RLOOP_PROMETHEUS") or shutil.which("prometheus")
-    tool = os.environ.get("RLOOP_PROMTOOL") or shutil.which("promtool")
+    """(prometheus, promtool) paths, or None: $RLOOP_PROMETHEUS / $RLOOP_PROMTOOL, else $PATH.
+
+    An override that is not an executable file counts as missing (as `RLOOP_WEED` in s3harness).
+    """
+
+    def one(env: str, name: str) -> str | None:
+        override = os.environ.get(env)
+        if override:
+            return override if os.path.isfile(override) and os.access(override, os.X_OK) else None
+        return shutil.which(name)
+
+    prom, tool = one("RLOOP_PROMETHEUS", "prometheus"), one("RLOOP_PROMTOOL", "promtool")
     return (prom, tool) if prom and tool else None
 
 
 def require_prometheus() -> tuple[str, str]:
+    """(prometheus, promtool), or `pytest.skip` with SKIP_REASON."""
     import pytest
 
     found = find_prometheus()
@@ -51,12 +68,13 @@ def require_prometheus() -> tuple[str, str]:
 
 
 def promtool_check_rules(path: Path) -> subprocess.CompletedProcess[str]:
+    """`promtool check rules PATH` (not raising on failure: look at returncode, stdout, stderr)."""
     _, tool = require_prometheus()
     return subprocess.run([tool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
 
 
 class PrometheusError(RuntimeError):
-    pass
+    """Prometheus refused a request (its errorType and error text in the message) or exited early."""
 
 
 @dataclass
@@ -68,9 +86,41 @@ class ScrapeTarget:
     honor_labels: bool = False
 
 
+Targets = Mapping[str, Iterable[str]] | Iterable[ScrapeTarget]
+
+
+def scrape_configs(targets: Targets, scrape_interval: str) -> list[dict[str, Any]]:
+    """One scrape config per job (Prometheus refuses duplicate job names), one static config per target."""
+    if isinstance(targets, Mapping):
+        targets = [
+            ScrapeTarget(job, addr)
+            for job, addrs in targets.items()
+            for addr in ([addrs] if isinstance(addrs, str) else addrs)
+        ]
+    jobs: dict[str, dict[str, Any]] = {}
+    for t in targets:
+        job = jobs.setdefault(
+            t.job,
+            {
+                "job_name": t.job,
+                "honor_labels": t.honor_labels,
+                "scrape_interval": scrape_interval,
+                "scrape_timeout": scrape_interval,
+                "static_configs": [],
+            },
+        )
+        if job["honor_labels"] != t.honor_labels:
+            raise ValueError(f"job {t.job!r}: targets disagree on honor_labels")
+        job["static_configs"].append({"targets": [t.address], "labels": dict(t.labels)})
+    return list(jobs.values())
+
+
 class Prometheus:
-    def __init__(self, proc: subprocess.Popen[bytes], port: int, workdir: Path, log_path: Path):
+    def __init__(
+        self, proc: subprocess.Popen[bytes], port: int, workdir: Path, log_path: Path, owns_workdir: bool
+    ):
         self.proc, self.port, self.workdir, self.log_path = proc, port, workdir, log_path
+        self.owns_workdir = owns_workdir
 
     @property
     def url(self) -> str:
@@ -79,28 +129,27 @@ class Prometheus:
     @classmethod
     def start(
         cls,
-        targets: Iterable[ScrapeTarget],
+        targets: Targets,
         *,
         rule_files: Iterable[Path] = (),
-        interval: str = "1s",
+        scrape_interval: str = "1s",
+        evaluation_interval: str = "1s",
         timeout: float = 30.0,
+        workdir: Path | None = None,
     ) -> Prometheus:
+        """Write the config, start the server on a free 127.0.0.1 port, wait (≤ timeout s) for /-/ready.
+
+        Skips the calling test when Prometheus is not installed. `workdir` (created if needed) is kept on
+        stop(); without it a temporary directory is used and removed on stop().
+        """
         prom, _ = require_prometheus()
-        workdir = Path(tempfile.mkdtemp(prefix="rloop-prom-"))
-        scrape_configs = [
-            {
-                "job_name": t.job,
-                "honor_labels": t.honor_labels,
-                "scrape_interval": interval,
-                "scrape_timeout": interval,
-                "static_configs": [{"targets": [t.address], "labels": dict(t.labels)}],
-            }
-            for t in targets
-        ]
+        owns_workdir = workdir is None
+        workdir = Path(tempfile.mkdtemp(prefix="rloop-prom-")) if workdir is None else Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
         config = {
-            "global": {"scrape_interval": interval, "evaluation_interval": interval},
-            "rule_files": [str(p) for p in rule_files],
-            "scrape_configs": scrape_configs,
+            "global": {"scrape_interval": scrape_interval, "evaluation_interval": evaluation_interval},
+            "rule_files": [str(Path(p).resolve()) for p in rule_files],
+            "scrape_configs": scrape_configs(targets, scrape_interval),
         }
         (workdir / "prometheus.yml").write_text(yaml.safe_dump(config, sort_keys=False))
         port = free_ports(1)[0]
@@ -117,8 +166,12 @@ class Prometheus:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        server = cls(proc, port, workdir, log_path)
-        server._wait(server._ready, timeout, "Prometheus to be ready")
+        server = cls(proc, port, workdir, log_path, owns_workdir)
+        try:
+            server._wait(server._ready, timeout, "Prometheus to be ready")
+        except BaseException:
+            server.stop()
+            raise
         return server
 
     # ------------------------------------------------------------------------------------- HTTP API
@@ -145,9 +198,11 @@ class Prometheus:
         return data["result"]
 
     def targets(self) -> list[dict[str, Any]]:
+        """The active scrape targets (/api/v1/targets): labels, scrapeUrl, health, lastError, ..."""
         return self._get("/api/v1/targets")["activeTargets"]
 
     def rules(self) -> list[dict[str, Any]]:
+        """Every loaded rule, all groups flattened (/api/v1/rules): name, query, health, type, ..."""
         return [r for g in self._get("/api/v1/rules")["groups"] for r in g["rules"]]
 
     # ---------------------------------------------------------------------------------------- waits
@@ -171,6 +226,8 @@ class Prometheus:
             time.sleep(interval)
 
     def wait_for_targets_up(self, timeout: float = 30.0) -> list[dict[str, Any]]:
+        """Poll until every active target's health is "up"; the targets."""
+
         def up():
             ts = self.targets()
             return ts if ts and all(t["health"] == "up" for t in ts) else None
@@ -181,6 +238,8 @@ class Prometheus:
             raise TimeoutError(f"{err}\ntargets: {json.dumps(self.targets(), indent=1)[:2000]}") from None
 
     def wait_for_data(self, expr: str, timeout: float = 30.0) -> list[dict[str, Any]]:
+        """Poll `query(expr)` until it returns at least one sample; those samples. A bad expression raises
+        PrometheusError at once."""
         return self._wait(lambda: self.query(expr), timeout, f"data for {expr}")
 
     # ------------------------------------------------------------------------------------ lifecycle
@@ -191,6 +250,7 @@ class Prometheus:
             return ""
 
     def stop(self) -> None:
+        """Terminate (kill after 10 s); remove the working directory unless the caller gave it."""
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -198,7 +258,8 @@ class Prometheus:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        if self.owns_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> Prometheus:
         return self
