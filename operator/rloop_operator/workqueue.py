@@ -41,7 +41,7 @@ class WorkQueue:
         self._failures: dict[Hashable, int] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self.last_progress = time.monotonic()
-        """Monotonic time a worker last finished a pass or found the queue empty (liveness)."""
+        """Monotonic time a worker last took a key, finished a pass or found the queue empty (liveness)."""
 
     # ------------------------------------------------------------------------------------ producers
     def add(self, key: Hashable) -> None:
@@ -109,6 +109,9 @@ class WorkQueue:
             if self._queue.empty():
                 self.last_progress = time.monotonic()
             key = await self._queue.get()
+            # Taking a key is progress too: after an idle spell, a burst that fills every worker must not
+            # read as "queued and stuck" (the idle time is not time a queued key waited).
+            self.last_progress = time.monotonic()
             self._queued.discard(key)
             self._active.add(key)
             delay: float | None
@@ -120,7 +123,8 @@ class WorkQueue:
             except Exception:  # never let one run stop the workers: back off and try again
                 n = self._failures.get(key, 0) + 1
                 self._failures[key] = n
-                delay = min(self._error_base * 2 ** (n - 1), self._error_max)
+                # Capped exponent: 2**1024 overflows a float (OverflowError here would kill the worker).
+                delay = min(self._error_base * 2 ** min(n - 1, 64), self._error_max)
                 log.exception("reconcile of %s failed (%d in a row); retrying in %.1fs", key, n, delay)
             finally:
                 self._active.discard(key)
