@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from rloop_operator.naming import LABEL_MANAGED_BY, LABEL_RUN, MANAGED_BY  # noqa: E402
 from tests.k8s.apiserver import JOBS, RLOOPRUNS, Server, start, wait_until  # noqa: E402
 from tests.k8s.kubelet import Kubelet  # noqa: E402
-from tests.k8s.operator import OperatorProcess, sample  # noqa: E402
+from tests.k8s.operator import OperatorProcess, peak_rss_bytes, sample  # noqa: E402
 from tests.s3harness import free_ports  # noqa: E402
 
 NS = "bench"
@@ -218,10 +218,7 @@ def measure_peer(server: Server, log_path: Path) -> int:
             interval=0.2,
             message="the kopf peer to list every object",
         )
-        for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-        raise RuntimeError("VmHWM not found")
+        return peak_rss_bytes(proc.pid)
     finally:
         proc.terminate()
         proc.wait(15)

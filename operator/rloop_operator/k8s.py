@@ -26,6 +26,8 @@ MERGE_PATCH = "application/merge-patch+json"
 COMPONENT = "rloop-operator"
 REQUEST_TIMEOUT = (5, 30)
 """(connect, read) seconds per call: a hung API server must not hang a worker forever."""
+_RAW = {"_preload_content": False, "_request_timeout": REQUEST_TIMEOUT}
+"""Every call: the raw JSON response (read with `_json`), and a timeout."""
 
 
 @dataclass(frozen=True)
@@ -69,13 +71,7 @@ class KubeApi:
     def get_run(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
             resp = self._custom.get_namespaced_custom_object(
-                API_GROUP,
-                API_VERSION,
-                namespace,
-                PLURAL,
-                name,
-                _preload_content=False,
-                _request_timeout=REQUEST_TIMEOUT,
+                API_GROUP, API_VERSION, namespace, PLURAL, name, **_RAW
             )
         except ApiException as err:
             if err.status == 404:
@@ -84,15 +80,11 @@ class KubeApi:
         return _json(resp)
 
     def list_jobs(self, namespace: str, selector: str) -> list[dict[str, Any]]:
-        resp = self._batch.list_namespaced_job(
-            namespace, label_selector=selector, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
-        )
+        resp = self._batch.list_namespaced_job(namespace, label_selector=selector, **_RAW)
         return list(_json(resp).get("items") or [])
 
     def list_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
-        resp = self._core.list_namespaced_pod(
-            namespace, label_selector=selector, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
-        )
+        resp = self._core.list_namespaced_pod(namespace, label_selector=selector, **_RAW)
         return list(_json(resp).get("items") or [])
 
     # ----------------------------------------------------------------------------------------- writes
@@ -100,9 +92,7 @@ class KubeApi:
         """The created Job, or None when a Job of that name already exists (the caller decides whether
         that one is ours: it lists the run's Jobs on its next pass)."""
         try:
-            resp = self._batch.create_namespaced_job(
-                namespace, body, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
-            )
+            resp = self._batch.create_namespaced_job(namespace, body, **_RAW)
         except ApiException as err:
             if err.status == 409:
                 return None
@@ -111,14 +101,7 @@ class KubeApi:
 
     def patch_job(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
         try:
-            self._batch.patch_namespaced_job(
-                name,
-                namespace,
-                patch,
-                _content_type=MERGE_PATCH,
-                _preload_content=False,
-                _request_timeout=REQUEST_TIMEOUT,
-            )
+            self._batch.patch_namespaced_job(name, namespace, patch, _content_type=MERGE_PATCH, **_RAW)
         except ApiException as err:
             if err.status != 404:  # gone meanwhile: the next pass sees that
                 raise
@@ -134,8 +117,7 @@ class KubeApi:
                 name,
                 {"status": patch},
                 _content_type=MERGE_PATCH,
-                _preload_content=False,
-                _request_timeout=REQUEST_TIMEOUT,
+                **_RAW,
             )
         except ApiException as err:
             if err.status == 404:
@@ -171,9 +153,7 @@ class KubeApi:
             "count": 1,
         }
         try:
-            self._core.create_namespaced_event(
-                namespace, body, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
-            )
+            self._core.create_namespaced_event(namespace, body, **_RAW)
         except ApiException as err:
             log.warning(
                 "could not post event %s for %s/%s: %s", reason, namespace, meta.get("name"), err.reason

@@ -429,15 +429,27 @@ class PatchedEmulator(kmock.KubernetesEmulator):
             return new
         return copy.deepcopy(patched)
 
-    async def patch_object(self, res: kmock.resource, namespace: str | None, name: str, patch: Any, *,
-                           subresource: str | None = None,
-                           content_type: str = "application/merge-patch+json") -> dict[str, Any]:
+    def _existing(self, res: kmock.resource, namespace: str | None,
+                  name: str) -> tuple[kmock.ResourceInfo, ObjKey, dict[str, Any]]:
+        """(info, key, a copy of the live object) for an update; 404 when there is none."""
         info = self._info(res)
         key = (res, namespace if info.namespaced else None, name)
         obj = self._live(key)
         if obj is None:
             raise _error(404, "NotFound", f'{res.plural} "{name}" not found', name=name, kind=res.plural)
-        old = copy.deepcopy(obj.raw)
+        return info, key, copy.deepcopy(obj.raw)
+
+    @staticmethod
+    def _check_version(res: kmock.resource, name: str, old: dict[str, Any], want: Any) -> None:
+        """Optimistic concurrency: a write naming a stale resourceVersion answers 409."""
+        if want is not None and str(want) != old["metadata"]["resourceVersion"]:
+            raise _error(409, "Conflict", f'Operation cannot be fulfilled on {res.plural} "{name}": '
+                         "the object has been modified; please apply your changes to the latest version")
+
+    async def patch_object(self, res: kmock.resource, namespace: str | None, name: str, patch: Any, *,
+                           subresource: str | None = None,
+                           content_type: str = "application/merge-patch+json") -> dict[str, Any]:
+        info, key, old = self._existing(res, namespace, name)
         if "apply-patch" in content_type:
             raise _error(415, "UnsupportedMediaType", "server-side apply is not emulated")
         if isinstance(patch, list):
@@ -448,10 +460,7 @@ class PatchedEmulator(kmock.KubernetesEmulator):
         elif isinstance(patch, Mapping):
             if "strategic-merge" in content_type:
                 patch = _strip_smp_directives(patch)
-            want_rv = (patch.get("metadata") or {}).get("resourceVersion")
-            if want_rv is not None and str(want_rv) != old["metadata"]["resourceVersion"]:
-                raise _error(409, "Conflict", f'Operation cannot be fulfilled on {res.plural} "{name}": '
-                             "the object has been modified; please apply your changes to the latest version")
+            self._check_version(res, name, old, (patch.get("metadata") or {}).get("resourceVersion"))
             patched = dict(kdicts.merge_patch_dict(old, patch))
         else:
             raise _error(400, "BadRequest", "the patch body must be a JSON object or a JSON-patch list")
@@ -460,17 +469,9 @@ class PatchedEmulator(kmock.KubernetesEmulator):
 
     async def replace_object(self, res: kmock.resource, namespace: str | None, name: str,
                              body: Mapping[str, Any], *, subresource: str | None = None) -> dict[str, Any]:
-        info = self._info(res)
-        key = (res, namespace if info.namespaced else None, name)
-        obj = self._live(key)
-        if obj is None:
-            raise _error(404, "NotFound", f'{res.plural} "{name}" not found', name=name, kind=res.plural)
-        old = copy.deepcopy(obj.raw)
+        info, key, old = self._existing(res, namespace, name)
         body = copy.deepcopy(dict(body))
-        want_rv = (body.get("metadata") or {}).get("resourceVersion")
-        if want_rv and str(want_rv) != old["metadata"]["resourceVersion"]:
-            raise _error(409, "Conflict", f'Operation cannot be fulfilled on {res.plural} "{name}": '
-                         "the object has been modified; please apply your changes to the latest version")
+        self._check_version(res, name, old, (body.get("metadata") or {}).get("resourceVersion") or None)
         body.setdefault("apiVersion", old.get("apiVersion"))
         body.setdefault("kind", old.get("kind"))
         new = self._restrict(info, subresource, old, body)

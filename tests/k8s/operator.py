@@ -89,10 +89,7 @@ class OperatorProcess:
     def peak_rss_bytes(self) -> int:
         """VmHWM of the running operator (the kernel's peak resident set size)."""
         assert self.proc is not None
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-        raise RuntimeError("VmHWM not found")
+        return peak_rss_bytes(self.proc.pid)
 
     def kill(self) -> None:
         """SIGKILL: no cleanup handlers, as when a node dies or the OOM killer strikes."""
@@ -113,6 +110,14 @@ class OperatorProcess:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
         except FileNotFoundError:
             return ""
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """VmHWM of a running process (the kernel's peak resident set size), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"VmHWM not found for pid {pid}")
 
 
 def sample(metrics_text: str, name: str, **labels: str) -> float | None:

@@ -9,13 +9,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from rloop_operator.controller import MESSAGE_TRIES, NAME_CONFLICT_RETRY, Controller
 from rloop_operator.metrics import OperatorMetrics
 from rloop_operator.reconcile import Observed, reconcile
 from rloop_operator.settings import OperatorSettings
 from tests.helpers import small_doc
+from tests.k8s.operator import sample as sample_text
 
 NS, NAME, UID = "team", "demo", "uid-1"
 KEY = (NS, NAME)
@@ -126,11 +126,7 @@ def controller(api: FakeApi, now: list[datetime] | None = None) -> tuple[Control
 
 
 def sample(metrics: OperatorMetrics, name: str, **labels: str) -> float | None:
-    for family in text_string_to_metric_families(metrics.render().decode()):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                return s.value
-    return None
+    return sample_text(metrics.render().decode(), name, **labels)
 
 
 def attempts(metrics: OperatorMetrics, stage: str) -> float | None:
