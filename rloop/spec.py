@@ -98,10 +98,24 @@ class ModelSpec(_Model):
     """Settings of the built-in tiny model; ignored unless base is `builtin:tiny`."""
     lora: LoraSpec | None = None
     """Train LoRA adapters (RL and RFT) instead of full fine-tuning; unset = full fine-tune."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Weights dtype for training and rollout (float32 on CPU)."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Precision. `bfloat16` (GPUs): training keeps fp32 master weights under bf16 autocast, policies
+    are stored and evaluated in bf16. `float32`: everything in fp32 (CPU)."""
     chat_template: bool = False
-    """Render prompts through the tokenizer's chat template (instruct models)."""
+    """Render prompts through the tokenizer's chat template (instruct models); the template's own
+    special tokens are not added a second time."""
+    gradient_checkpointing: bool = False
+    """Recompute layer activations in backward (RL and RFT updates): less memory, ~30% more compute."""
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _no_float16(cls, v: Any) -> Any:
+        if v in ("float16", "fp16", "half"):
+            raise ValueError(
+                "float16 training needs loss scaling, which RLoop does not do; use 'bfloat16' (GPUs since "
+                "Ampere) or 'float32'"
+            )
+        return v
 
     @field_validator("base")
     @classmethod
@@ -214,7 +228,14 @@ class RLSpec(_Model):
     samples_per_prompt: int = Field(8, ge=2, le=1024)
     """Group size G (responses per prompt)."""
     mini_batches: int = Field(1, ge=1, le=1024)
-    """Optimizer updates per step (the batch is split); >1 makes the ratio/clip matter."""
+    """Optimizer steps per rollout batch per epoch (the trained responses are split into this many
+    mini-batches, each normalised on its own). With 1 mini-batch and 1 epoch the update is on-policy:
+    the ratio is 1 and clipping (clip-higher included) never acts."""
+    update_epochs: int = Field(1, ge=1, le=64)
+    """Passes over the rollout batch (PPO epochs); each pass makes `miniBatches` optimizer steps."""
+    micro_batch_size: int | None = Field(None, ge=1, le=65_536)
+    """Sequences per forward/backward (gradient accumulation inside a mini-batch). Memory only: the
+    update is the same as with the whole mini-batch at once. Unset = the whole mini-batch."""
     lr: float = Field(3e-4, gt=0, le=1)
     """AdamW learning rate."""
     weight_decay: float = Field(0.0, ge=0, le=1)
@@ -236,7 +257,12 @@ class RLSpec(_Model):
     top_p: float = Field(1.0, gt=0, le=1)
     """Nucleus sampling of RL rollouts."""
     dynamic_sampling: bool | None = None
-    """Drop groups whose responses are all correct or all wrong (no signal); default on for dapo."""
+    """Drop groups whose scorable responses are all correct or all wrong (no signal), by verifier
+    accuracy (not shaped reward), and sample more prompts to refill the batch; default on for dapo."""
+    dynamic_sampling_max_rounds: int = Field(3, ge=1, le=100)
+    """With dynamic sampling: at most this many generation rounds per step to collect `promptsPerStep`
+    groups with signal (DAPO's max_num_gen_batches); the step trains on what it has after the last.
+    Every generated trajectory goes to the pool."""
     overlong_buffer: int = Field(0, ge=0)
     """DAPO soft overlong punishment: length band before the cap where the penalty ramps up (0 = off)."""
     overlong_penalty: float = Field(1.0, ge=0)
@@ -263,7 +289,10 @@ class RLSpec(_Model):
                 f"({self.max_response_tokens}); use e.g. overlongBuffer: {self.max_response_tokens // 4}"
             )
         if self.prompts_per_step * self.samples_per_prompt < self.mini_batches:
-            raise ValueError("miniBatches exceeds the responses per step (promptsPerStep * samplesPerPrompt)")
+            raise ValueError(
+                f"miniBatches ({self.mini_batches}) exceeds the responses per step (promptsPerStep * "
+                f"samplesPerPrompt = {self.prompts_per_step * self.samples_per_prompt}); lower miniBatches"
+            )
         return self
 
 
@@ -288,6 +317,9 @@ class FilterSpec(_Model):
     """At most this many expert trajectories per prompt (m)."""
     dedup: bool = True
     """Keep only distinct responses per prompt."""
+    include_truncated: bool = False
+    """Also keep correct responses that hit the generation cap (finish reason `length`). Off: RFT on
+    them would teach the model to stop mid-solution."""
     seed: int = Field(0, ge=0)
     """Seed of the choice among candidates when more than maxPerPrompt qualify."""
 
@@ -302,7 +334,9 @@ class RFTSpec(_Model):
     lr: float = Field(1e-3, gt=0, le=1)
     """AdamW learning rate."""
     batch_size: int = Field(32, ge=1, le=65_536)
-    """Expert trajectories per step."""
+    """Expert trajectories per optimizer step."""
+    micro_batch_size: int | None = Field(None, ge=1, le=65_536)
+    """Trajectories per forward/backward (gradient accumulation); memory only. Unset = batchSize."""
     init_policy: Literal["initial", "base"] = "initial"
     """Fine-tune P_k, the policy this iteration started from (RLoop), or always P_0 (`base`)."""
 

@@ -12,7 +12,9 @@ from typing import Literal, Protocol
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """What to sample: n completions per prompt, up to max_tokens each."""
+    """What to sample: n completions per prompt, up to max_tokens each. These are *all* the sampling
+    parameters: engines never add any from a model's generation_config (no top-k, no repetition
+    penalty), so the sampled distribution is softmax(logits / temperature), top-p truncated."""
 
     n: int = 1
     temperature: float = 1.0
@@ -24,8 +26,15 @@ class SamplingParams:
 
 @dataclass
 class Completion:
-    """One sampled response: text (stop string and EOS stripped), its token ids (EOS included when
-    the model emitted it, so training teaches the model to stop), and their sampling logprobs."""
+    """One sampled response.
+
+    text:          decoded response, cut before the first stop string, EOS removed
+    token_ids:     exactly the tokens the model sampled, in order: EOS included when it sampled one (so
+                   training teaches it to stop), the tokens that completed a stop string included,
+                   never padding
+    logprobs:      per token, log softmax(logits / temperature) of the sampled token (before top-p)
+    finish_reason: "stop" (EOS or a stop string) or "length" (max_tokens reached: truncated)
+    """
 
     text: str
     token_ids: list[int]
@@ -51,6 +60,7 @@ class RolloutEngine(Protocol):
 
 
 def make_engine(name: str, model, tokenizer, **kwargs) -> RolloutEngine:
+    """An engine by name; kwargs go to its constructor (hf: encode, batch_size, autocast)."""
     if name == "hf":
         from rloop.rollout.hf import HFEngine
 

@@ -9,11 +9,11 @@ import os
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from rloop.plan import Stage
+from rloop.prompts import PromptFormat, PromptFormatError
 from rloop.spec import DatasetSpec, RLoopRun, SpecError, parse_run
 from rloop.store import CorruptArtifact, RunStore
 
@@ -83,16 +83,13 @@ class StageContext:
         with self.store.open_verified(stage_id, rel, m) as f:
             return json.loads(f.read())
 
-    @cached_property
-    def use_chat_template(self) -> bool:
-        return self.spec.model.chat_template
-
-    def render(self, example, tokenizer) -> str:
-        """Prompt text fed to the policy: chat template (instruct models) or `data.promptTemplate`."""
-        if self.use_chat_template and getattr(tokenizer, "chat_template", None):
-            messages = list(example.messages or [{"role": "user", "content": example.prompt}])
-            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.spec.data.prompt_template.format(prompt=example.prompt)
+    def prompt_format(self, tokenizer) -> PromptFormat:
+        """How this run turns an example into prompt text and ids (`rloop.prompts`)."""
+        try:
+            return PromptFormat.for_model(tokenizer, chat_template=self.spec.model.chat_template,
+                                          template=self.spec.data.prompt_template)
+        except PromptFormatError as err:
+            raise InputError(str(err)) from None
 
 
 def _snapshot_spec_from_env(store: RunStore) -> None:

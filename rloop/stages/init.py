@@ -27,20 +27,20 @@ def build_warm_tiny(cfg, out_dir: Path, progress: bool = True) -> dict:
     """Random-init tiny model + SFT warm-up on fresh synthetic pairs every step; saved to out_dir."""
     from rloop.data.synthetic import warmup_pairs
     from rloop.policy import build_tiny, save_policy
-    from rloop.train.sft import sft_train
+    from rloop.train.sft import encode_pairs, sft_train
 
     model, tok = build_tiny(cfg)
     bar = tqdm(total=cfg.warmup_steps, desc="warm-up", unit="step", disable=not progress, leave=False)
 
     def batch(step: int):
-        return warmup_pairs(cfg.warmup_batch_size, seed=cfg.seed * 1_000_003 + step)
+        return encode_pairs(tok, warmup_pairs(cfg.warmup_batch_size, seed=cfg.seed * 1_000_003 + step))
 
     def tick(step: int, loss: float) -> None:
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}")
 
-    res = sft_train(model, tok, batch, steps=cfg.warmup_steps, batch_size=cfg.warmup_batch_size, lr=cfg.warmup_lr,
-                    seed=cfg.seed, on_step=tick)
+    res = sft_train(model, batch, pad_id=tok.pad_token_id, steps=cfg.warmup_steps, batch_size=cfg.warmup_batch_size,
+                    lr=cfg.warmup_lr, seed=cfg.seed, on_step=tick)
     bar.close()
     save_policy(model, tok, out_dir)
     return {"warmup_first_loss": res.first_loss, "warmup_last_loss": res.last_loss,
@@ -80,7 +80,7 @@ def run(ctx: StageContext) -> dict:
                     "(model + tokenizer) or use 'builtin:tiny'"
                 )
             model, tok = load_policy(src, ctx.spec.model.dtype)
-            save_policy(model, tok, Path(tmp) / "policy")
+            save_policy(model, tok, Path(tmp) / "policy", ctx.spec.model.dtype)
             w.put_dir("policy", Path(tmp) / "policy")
             summary = {"parameters": sum(p.numel() for p in model.parameters())}
         w.commit(summary)

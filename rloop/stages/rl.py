@@ -16,21 +16,22 @@ from tqdm import tqdm
 
 from rloop.plan import policy_in
 from rloop.stages.common import StageContext, load_dataset, make_scorer, parquet_bytes
+from rloop.stages.rollout import rollout_engine
 
 
 def run(ctx: StageContext) -> dict:
-    from rloop.policy import attach_lora, load_policy, save_policy
-    from rloop.rollout import make_engine
+    from rloop.policy import load_policy, prepare_for_training, save_policy
     from rloop.telemetry import StageTelemetry
     from rloop.train.rl import PromptSampler, RLTrainer
 
     spec, k = ctx.spec, ctx.iteration
     cfg = spec.loop.rl
     train = load_dataset(spec.data.train, "data.train")
-    model, tok = load_policy(ctx.policy_dir(policy_in(spec, k)), spec.model.dtype)
-    model = attach_lora(model, spec.model.lora)
-    engine = make_engine("hf", model, tok, add_special_tokens=not spec.model.chat_template)
-    trainer = RLTrainer(model, tok, engine, cfg, make_scorer(spec), iteration=k)
+    model, tok = load_policy(ctx.policy_dir(policy_in(spec, k)), spec.model.dtype, training=True)
+    model = prepare_for_training(model, spec.model.lora, spec.model.gradient_checkpointing)
+    fmt = ctx.prompt_format(tok)
+    trainer = RLTrainer(model, tok, rollout_engine(ctx, model, tok, fmt), cfg, make_scorer(spec), iteration=k,
+                        compute_dtype=spec.model.dtype)
     sampler = PromptSampler(train, seed=cfg.seed + 1000 * k)
     pool, rows = [], []
     telemetry = StageTelemetry.from_env(ctx.run.metadata.name, ctx.stage.kind)
@@ -39,17 +40,17 @@ def run(ctx: StageContext) -> dict:
     with ctx.store.stage_writer(ctx.stage.id) as w, tempfile.TemporaryDirectory() as tmp:
         bar = tqdm(range(cfg.steps), desc=f"iter {k} rl", unit="step", leave=False)
         for step in bar:
-            out = trainer.step(step, sampler.next(cfg.prompts_per_step), lambda e: ctx.render(e, tok))
+            out = trainer.step(step, sampler.next(cfg.prompts_per_step), fmt.render, more=sampler.next)
             pool += out.trajectories
             rows.append(out.metrics)
             telemetry.observe_step(out.metrics)
             bar.set_postfix(reward=f"{out.metrics['reward']:.3f}", ent=f"{out.metrics['entropy']:.2f}")
             if ckpt_every and ((step + 1) % ckpt_every == 0 or step + 1 == cfg.steps):
                 d = Path(tmp) / f"step-{step + 1:06d}"
-                save_policy(model, tok, d) if spec.model.lora is None else save_policy(_merged_copy(model), tok, d)
+                save_policy(model if spec.model.lora is None else _merged_copy(model), tok, d, spec.model.dtype)
                 w.put_dir(f"checkpoints/step-{step + 1:06d}", d)
         final = model.merge_and_unload() if spec.model.lora is not None else model
-        save_policy(final, tok, Path(tmp) / "final")
+        save_policy(final, tok, Path(tmp) / "final", spec.model.dtype)
         w.put_dir("final", Path(tmp) / "final")
         w.put_bytes("pool/trajectories.parquet", parquet_bytes(pool))
         w.put_bytes("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())

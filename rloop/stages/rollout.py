@@ -5,31 +5,37 @@ from __future__ import annotations
 
 from tqdm import tqdm
 
+from rloop.pool import trajectory_row
 from rloop.stages.common import InputError, StageContext, load_dataset, make_scorer, parquet_bytes
+
+
+def rollout_engine(ctx: StageContext, model, tok, fmt):
+    """The rollout engine sampling from `model`, encoding prompts with `fmt`, in the run's precision."""
+    from rloop.policy import autocast
+    from rloop.rollout import make_engine
+
+    return make_engine("hf", model, tok, encode=fmt.encode, autocast=autocast(ctx.spec.model.dtype))
 
 
 def sample_and_score(ctx: StageContext, model, tok, examples, *, n: int, temperature: float, top_p: float,
                      max_tokens: int, seed: int, desc: str) -> list[dict]:
-    """n scored samples per example (rows: prompt_id, prompt, sample, response, score, correct, ...)."""
-    from rloop.rollout import SamplingParams, make_engine
+    """n scored samples per example, as `rloop.pool.trajectory_row`s with a `sample` index."""
+    from rloop.rollout import SamplingParams
 
-    engine = make_engine("hf", model, tok, add_special_tokens=not ctx.spec.model.chat_template)
+    fmt = ctx.prompt_format(tok)
+    engine = rollout_engine(ctx, model, tok, fmt)
     score = make_scorer(ctx.spec)
     rows: list[dict] = []
     chunk = max(1, 256 // n)
     for i in tqdm(range(0, len(examples), chunk), desc=desc, unit="batch", leave=False):
         batch = examples[i : i + chunk]
-        results = engine.generate([ctx.render(e, tok) for e in batch], SamplingParams(
+        results = engine.generate([fmt.render(e) for e in batch], SamplingParams(
             n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=tuple(ctx.spec.loop.rl.stop),
             seed=seed + i))
         flat = [(e, r, j, c) for e, r in zip(batch, results, strict=True) for j, c in enumerate(r.completions)]
         scores = score([c.text for *_, c in flat], [e for e, *_ in flat])
-        rows += [
-            {"prompt_id": e.id, "prompt": r.prompt, "sample": j, "response": c.text, "score": s,
-             "correct": s is not None and s >= 1.0, "response_tokens": len(c.token_ids),
-             "finish_reason": c.finish_reason, "ground_truth": e.answer}
-            for (e, r, j, c), s in zip(flat, scores, strict=True)
-        ]
+        rows += [trajectory_row(e, r.prompt, r.prompt_token_ids, c, s, sample=j)
+                 for (e, r, j, c), s in zip(flat, scores, strict=True)]
     return rows
 
 

@@ -17,7 +17,8 @@ from rloop.stages.common import InputError, StageContext, parquet_bytes
 
 
 def select_experts(pool: list[dict[str, Any]], cfg: FilterSpec) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Pure filter. pool rows need prompt_id, prompt, response, correct (and step)."""
+    """Pure filter. pool rows need prompt_id, prompt, response, correct, finish_reason (and step).
+    The pass rate counts every trajectory; truncated ones are candidates only with includeTruncated."""
     by_prompt: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in pool:
         by_prompt[r["prompt_id"]].append(r)
@@ -30,7 +31,7 @@ def select_experts(pool: list[dict[str, Any]], cfg: FilterSpec) -> tuple[list[di
         if rate > cfg.max_pass_rate:
             mastered += 1
             continue
-        cands = [r for r in rows if r["correct"]]
+        cands = [r for r in rows if r["correct"] and (cfg.include_truncated or r["finish_reason"] != "length")]
         if cfg.dedup:
             seen: dict[str, dict[str, Any]] = {}
             for r in cands:
@@ -48,6 +49,7 @@ def select_experts(pool: list[dict[str, Any]], cfg: FilterSpec) -> tuple[list[di
         "prompts_over_max_pass_rate": mastered,
         "expert_prompts": kept_prompts,
         "expert_trajectories": len(experts),
+        "truncated_correct": sum(bool(r["correct"]) and r["finish_reason"] == "length" for r in pool),
         "distinct_correct_responses": len({(r["prompt_id"], r["response"].strip()) for r in pool if r["correct"]}),
     }
     if pool and "step" in pool[0]:

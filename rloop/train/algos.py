@@ -49,16 +49,22 @@ def group_advantages(rewards: Tensor, *, scale: bool = True, eps: float = 1e-6) 
     return centered / (std + eps)
 
 
-def dynamic_sampling_keep(rewards: Tensor) -> Tensor:
+def dynamic_sampling_keep(accuracy: Tensor) -> Tensor:
     """DAPO dynamic sampling filter.
 
-    rewards: [G, n]
-    returns: [G] bool, True for groups whose rewards are not all equal. All-correct and all-wrong groups
-    have zero advantage everywhere, so they only dilute the batch's gradient; DAPO drops them.
+    accuracy: [G, n] verifier accuracy of each sample (1.0 correct, 0.0 wrong, NaN unscorable).
+    returns:  [G] bool, True for groups whose *scorable* samples are not all equal. All-correct and
+    all-wrong groups have zero advantage everywhere, so they only dilute the batch's gradient; DAPO
+    drops them. Unscorable samples neither make a group mixed nor uniform; a group with fewer than two
+    scorable samples has nothing to compare and is dropped. Accuracy, not the shaped reward: an overlong
+    penalty would make an all-correct group look mixed.
     """
-    if rewards.dim() != 2:
-        raise ValueError(f"rewards must be [G, n], got shape {tuple(rewards.shape)}")
-    return (rewards != rewards[:, :1]).any(dim=1)
+    if accuracy.dim() != 2:
+        raise ValueError(f"accuracy must be [G, n], got shape {tuple(accuracy.shape)}")
+    nan = torch.isnan(accuracy)
+    highest = torch.where(nan, float("-inf"), accuracy).max(dim=1).values
+    lowest = torch.where(nan, float("inf"), accuracy).min(dim=1).values
+    return highest > lowest
 
 
 def overlong_penalty(lengths: Tensor, *, max_tokens: int, buffer: int, penalty: float) -> Tensor:
@@ -89,10 +95,10 @@ def overlong_penalty(lengths: Tensor, *, max_tokens: int, buffer: int, penalty: 
 def token_logprobs(logits: Tensor, token_ids: Tensor) -> Tensor:
     """Log-probability of each chosen token.
 
-    logits:    [B, T, V] (any float dtype; bf16 logits are upcast because log_softmax in bf16 loses
-               several bits exactly where ratios exp(lp - old) are sensitive)
-    token_ids: [B, T] int64
-    returns:   [B, T] float32
+    logits:    [..., V] (e.g. [B, T, V] or [N, V]; any float dtype: bf16 logits are upcast because
+               log_softmax in bf16 loses several bits exactly where ratios exp(lp - old) are sensitive)
+    token_ids: [...] int64
+    returns:   [...] float32
     """
     logits = logits.float()
     # gather - logsumexp avoids materialising the full [B, T, V] log_softmax output.
@@ -103,8 +109,8 @@ def token_logprobs(logits: Tensor, token_ids: Tensor) -> Tensor:
 def token_entropy(logits: Tensor) -> Tensor:
     """Entropy of the next-token distribution at each position.
 
-    logits:  [B, T, V]
-    returns: [B, T] float32, H = logsumexp(z) - sum_v softmax(z)_v * z_v  (in nats)
+    logits:  [..., V]
+    returns: [...] float32, H = logsumexp(z) - sum_v softmax(z)_v * z_v  (in nats)
     """
     logits = logits.float()
     probs = torch.softmax(logits, dim=-1)
@@ -230,10 +236,12 @@ def clipped_policy_loss(
     return loss, stats
 
 
-def response_nll(logprobs: Tensor, mask: Tensor) -> Tensor:
+def response_nll(logprobs: Tensor, mask: Tensor, *, global_tokens: float | None = None) -> Tensor:
     """SFT negative log-likelihood of the response tokens.
 
     logprobs: [B, T] log-probs of the target tokens, mask: [B, T] (1 on response tokens)
-    returns:  scalar, token mean of -logprobs over masked tokens (0 when the mask is empty).
+    returns:  scalar, sum of -logprobs over masked tokens / global_tokens (default: the mask's count, so
+              the token mean; 0 when the mask is empty). Pass the optimizer step's token count when
+              the step is accumulated over micro-batches.
     """
-    return aggregate(-logprobs, mask, "token_mean")
+    return aggregate(-logprobs, mask, "token_mean", global_tokens=global_tokens)

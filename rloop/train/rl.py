@@ -3,6 +3,12 @@
     rollout → verify → advantage → update → sync
 
 and returns every trajectory it generated (the RLoop pool) plus one metrics row.
+
+The update follows verl/TRL conventions: the trained responses are split into `miniBatches`
+optimizer steps (repeated for `updateEpochs`), each normalised by its own token count (or sequence
+count); `microBatchSize` only accumulates gradients inside a mini-batch (same update, less memory).
+With one optimizer step per batch the policy is its own behaviour policy (ratio 1), so no separate
+old-logprob pass is run. The trainer scores softmax(logits / T), the distribution the engine sampled.
 """
 
 from __future__ import annotations
@@ -18,8 +24,9 @@ from typing import Any
 import torch
 
 from rloop.data import Example
-from rloop.policy import trainable_parameters
-from rloop.rollout import PromptResult, RolloutEngine, SamplingParams
+from rloop.policy import autocast, trainable_parameters
+from rloop.pool import is_correct, trajectory_row
+from rloop.rollout import Completion, PromptResult, RolloutEngine, SamplingParams
 from rloop.spec import RLSpec
 from rloop.train.algos import (
     aggregate,
@@ -67,6 +74,22 @@ class _Timer:
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
 
+@dataclass
+class _Group:
+    """One prompt's n samples with their scores, shaped rewards [n] and advantages [n]."""
+
+    example: Example
+    result: PromptResult
+    scores: list[float | None]
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+
+    @property
+    def accuracy(self) -> torch.Tensor:
+        """[n] 1.0 correct / 0.0 wrong / NaN unscorable."""
+        return torch.tensor([float("nan") if s is None else float(is_correct(s)) for s in self.scores])
+
+
 def shaped_rewards(
     scores: list[float | None], lengths: list[int], finish: list[str], cfg: RLSpec
 ) -> torch.Tensor:
@@ -93,9 +116,14 @@ def advantages_with_unscorable(rewards: torch.Tensor, *, scale: bool) -> torch.T
 
 
 class RLTrainer:
-    """Owns the policy, optimizer, optional reference model, and the rollout engine for one RL stage."""
+    """Owns the policy, optimizer, optional reference model, and the rollout engine for one RL stage.
 
-    def __init__(self, model, tokenizer, engine: RolloutEngine, cfg: RLSpec, score: Scorer, *, iteration: int = 0):
+    `compute_dtype` is the forward precision: "bfloat16" runs forwards under bf16 autocast while the
+    model holds fp32 master weights (load it with `load_policy(..., training=True)`).
+    """
+
+    def __init__(self, model, tokenizer, engine: RolloutEngine, cfg: RLSpec, score: Scorer, *, iteration: int = 0,
+                 compute_dtype: str = "float32"):
         self.model, self.tok, self.engine, self.cfg, self.score = model, tokenizer, engine, cfg, score
         self.opt = torch.optim.AdamW(trainable_parameters(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.ref = None
@@ -103,98 +131,157 @@ class RLTrainer:
             self.ref = copy.deepcopy(model).eval().requires_grad_(False)
         self.seed = cfg.seed + 1000 * iteration
         self.dev = next(model.parameters()).device
+        self.autocast = autocast(compute_dtype, self.dev)
 
-    def step(self, step: int, batch: list[Example], render: Callable[[Example], str]) -> StepOutput:
+    def step(self, step: int, prompts: list[Example], render: Callable[[Example], str],
+             more: Callable[[int], list[Example]] | None = None) -> StepOutput:
+        """One RL step on `prompts`. With dynamic sampling, groups without signal are dropped and `more(k)`
+        supplies k fresh prompts per extra generation round (at most `dynamicSamplingMaxRounds` rounds)."""
         cfg, t = self.cfg, _Timer()
-        n = cfg.samples_per_prompt
+        rounds = cfg.dynamic_sampling_max_rounds if cfg.dynamic_sampling and more is not None else 1
+        generated: list[_Group] = []
+        kept: list[_Group] = []
+        for round_no in range(rounds):
+            batch = prompts if round_no == 0 else more(len(prompts))  # type: ignore[misc]
+            groups = self._sample(step, round_no, batch, render, t)
+            generated += groups
+            kept += [g for g, ok in zip(groups, self._keep(groups), strict=True) if ok]
+            if len(kept) >= len(prompts):
+                break
+        trained = kept[: len(prompts)]  # DAPO: a full batch of groups with signal, no more
+        with t.phase("update"):
+            update_stats = self._update(trained)
+        with t.phase("sync"):
+            self.engine.update_weights(self.model)  # the hf engine shares the module; vLLM loads the new weights
+        return StepOutput(self._metrics(step, generated, kept, trained, round_no + 1, update_stats, t),
+                          self._trajectories(step, generated))
+
+    # ------------------------------------------------------------------------------ phases
+    def _sample(self, step: int, round_no: int, batch: list[Example], render, t: _Timer) -> list[_Group]:
+        cfg, n = self.cfg, self.cfg.samples_per_prompt
         with t.phase("rollout"):
             results = self.engine.generate(
                 [render(e) for e in batch],
-                SamplingParams(n=n, temperature=cfg.temperature, top_p=cfg.top_p,
-                               max_tokens=cfg.max_response_tokens, stop=tuple(cfg.stop), seed=self.seed + step),
+                SamplingParams(n=n, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_response_tokens,
+                               stop=tuple(cfg.stop), seed=self.seed + step + 100_003 * round_no),
             )
-        flat = [(e, r, c) for e, r in zip(batch, results, strict=True) for c in r.completions]
+        flat: list[tuple[Example, Completion]] = [(e, c) for e, r in zip(batch, results, strict=True) for c in r.completions]
         with t.phase("verify"):
-            scores = self.score([c.text for _, _, c in flat], [e for e, _, _ in flat])
+            scores = self.score([c.text for _, c in flat], [e for e, _ in flat])
         with t.phase("advantage"):
-            rewards = shaped_rewards(scores, [len(c.token_ids) for *_, c in flat], [c.finish_reason for *_, c in flat], cfg)
+            rewards = shaped_rewards(scores, [len(c.token_ids) for _, c in flat], [c.finish_reason for _, c in flat], cfg)
             grouped = rewards.view(len(batch), n)
             adv = advantages_with_unscorable(grouped, scale=cfg.algorithm != "dr_grpo")
-            keep = (
-                dynamic_sampling_keep(torch.nan_to_num(grouped, nan=-1e9)) if cfg.dynamic_sampling
-                else torch.ones(len(batch), dtype=torch.bool)
-            )
-            trainable = (keep.repeat_interleave(n) & ~torch.isnan(rewards)).tolist()
-        with t.phase("update"):
-            upd = self._update(flat, adv.flatten(), trainable, results)
-        with t.phase("sync"):
-            self.engine.update_weights(self.model)  # the hf engine shares the module; vLLM reloads weights
+        return [_Group(e, r, scores[g * n : (g + 1) * n], grouped[g], adv[g])
+                for g, (e, r) in enumerate(zip(batch, results, strict=True))]
 
-        correct = [s is not None and s >= 1.0 for s in scores]
-        gen_tokens = sum(len(c.token_ids) for *_, c in flat)
+    def _keep(self, groups: list[_Group]) -> list[bool]:
+        if not self.cfg.dynamic_sampling:
+            return [True] * len(groups)
+        return dynamic_sampling_keep(torch.stack([g.accuracy for g in groups])).tolist()
+
+    def _update(self, groups: list[_Group]) -> dict[str, float]:
+        """Policy-gradient update on the scorable responses of `groups`: `updateEpochs` x `miniBatches`
+        optimizer steps, each accumulating gradients over micro-batches of `microBatchSize` sequences."""
+        cfg = self.cfg
+        rows = [(g.result, c, float(a)) for g in groups
+                for c, s, a in zip(g.result.completions, g.scores, g.advantages, strict=True) if s is not None]
+        stats = {"loss": 0.0, "clip_fraction": 0.0, "entropy": 0.0, "kl": 0.0, "grad_norm": 0.0,
+                 "trained_responses": len(rows), "optimizer_steps": 0}
+        if not rows:
+            stats |= {"loss": float("nan"), "entropy": float("nan")}
+            return stats
+        batch = pack([r.prompt_token_ids for r, _, _ in rows], [c.token_ids for _, c, _ in rows],
+                     self.tok.pad_token_id).to(self.dev)
+        adv = torch.tensor([a for *_, a in rows], device=self.dev)
+        micro = cfg.micro_batch_size or len(rows)
+        on_policy = cfg.mini_batches == 1 and cfg.update_epochs == 1  # ratio ≡ 1: reuse the current logprobs
+        old_lp = None if on_policy else self.logprobs(self.model, batch, micro)
+        ref_lp = self.logprobs(self.ref, batch, micro) if self.ref is not None else None
+        mini_batches = torch.arange(len(rows)).chunk(min(cfg.mini_batches, len(rows)))
+        passes_tokens = float(batch.response_mask.sum()) * cfg.update_epochs
+        for _ in range(cfg.update_epochs):
+            for mini in mini_batches:
+                stats["loss"] += self._optimizer_step(batch, adv, mini, micro, old_lp, ref_lp, stats, passes_tokens)
+                stats["optimizer_steps"] += 1
+        stats["loss"] /= stats["optimizer_steps"]
+        stats["grad_norm"] /= stats["optimizer_steps"]
+        return stats
+
+    def _optimizer_step(self, batch: PackedBatch, adv: torch.Tensor, mini: torch.Tensor, micro: int,
+                        old_lp: torch.Tensor | None, ref_lp: torch.Tensor | None, stats: dict, passes_tokens: float) -> float:
+        """Accumulate the mini-batch's loss over micro-batches, clip, step. Returns the mini-batch loss.
+
+        token_mean divides by the mini-batch's token count; the sequence-mean modes weight each
+        micro-batch by its share of the mini-batch's sequences, so the sum is the mini-batch loss."""
+        cfg = self.cfg
+        mini_tokens = float(batch.response_mask[mini].sum())
+        self.opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for rows in mini.split(micro):
+            mb = batch.rows(rows)
+            mask = mb.response_mask.float()
+            with self.autocast():
+                lp, ent = forward_logprobs(self.model, mb, temperature=cfg.temperature, with_entropy=True)
+            old = lp.detach() if old_lp is None else old_lp[rows]
+            weight = 1.0 if cfg.loss_agg == "token_mean" else len(rows) / len(mini)
+            loss, pg_stats = clipped_policy_loss(
+                lp, old, adv[rows], mask, clip_low=cfg.clip_low, clip_high=cfg.clip_high, agg=cfg.loss_agg,
+                global_tokens=mini_tokens, norm_length=cfg.max_response_tokens,
+            )
+            loss = loss * weight
+            share = float(mask.sum()) / passes_tokens
+            if ref_lp is not None:
+                kl_tok = kl_k3(lp, ref_lp[rows])
+                loss = loss + cfg.kl_coef * weight * aggregate(kl_tok, mask, cfg.loss_agg, global_tokens=mini_tokens,
+                                                               norm_length=cfg.max_response_tokens)
+                stats["kl"] += float((kl_tok.detach() * mask).sum()) / passes_tokens
+            loss.backward()
+            total += loss.item()
+            stats["clip_fraction"] += pg_stats["clip_fraction"] * share
+            stats["entropy"] += float((ent * mask).sum()) / passes_tokens
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable_parameters(self.model), cfg.max_grad_norm)
+        self.opt.step()
+        stats["grad_norm"] += float(grad_norm)
+        return total
+
+    @torch.no_grad()
+    def logprobs(self, model, batch: PackedBatch, micro: int) -> torch.Tensor:
+        """[B, L-1] logprobs of the batch's responses under `model`, micro-batch by micro-batch."""
+        parts = []
+        for rows in torch.arange(batch.input_ids.shape[0]).split(micro):
+            with self.autocast():
+                parts.append(forward_logprobs(model, batch.rows(rows), temperature=self.cfg.temperature)[0])
+        return torch.cat(parts)
+
+    # ------------------------------------------------------------------------------ reporting
+    def _metrics(self, step: int, generated: list[_Group], kept: list[_Group], trained: list[_Group], rounds: int,
+                 update_stats: dict, t: _Timer) -> dict[str, float]:
+        scores = [s for g in generated for s in g.scores]
         scored = [s for s in scores if s is not None]
-        metrics = {
+        rewards = torch.cat([g.rewards for g in generated])
+        gen_tokens = sum(len(c.token_ids) for g in generated for c in g.result.completions)
+        return {
             "step": step,
             "reward": float(torch.nanmean(rewards)) if scored else float("nan"),
-            "pass_rate": sum(correct) / len(correct),
-            "groups_kept": int(keep.sum()),
+            "pass_rate": sum(is_correct(s) for s in scores) / len(scores),
+            "generation_rounds": rounds,
+            "groups_generated": len(generated),
+            "groups_kept": len(kept),
+            "groups_trained": len(trained),
             "unscorable": len(scores) - len(scored),
-            "response_tokens_mean": gen_tokens / len(flat),
+            "response_tokens_mean": gen_tokens / len(scores),
+            "truncated_share": sum(c.finish_reason == "length" for g in generated for c in g.result.completions)
+            / len(scores),
             "tokens_per_s": gen_tokens / max(sum(t.seconds.values()), 1e-9),  # whole step: RL throughput
             "rollout_tokens_per_s": gen_tokens / max(t.seconds["rollout"], 1e-9),
-            **upd,
+            **update_stats,
             **{f"time_{k}_s": v for k, v in t.seconds.items()},
         }
-        trajectories = [
-            {
-                "step": step, "prompt_id": e.id, "prompt": r.prompt, "response": c.text, "score": s,
-                "reward": float(rw), "correct": ok, "response_tokens": len(c.token_ids), "finish_reason": c.finish_reason,
-                "ground_truth": e.answer,
-            }
-            for (e, r, c), s, rw, ok in zip(flat, scores, rewards.tolist(), correct, strict=True)
-        ]
-        return StepOutput(metrics, trajectories)
 
-    def _update(self, flat, adv: torch.Tensor, trainable: list[bool], results: list[PromptResult]) -> dict[str, float]:
-        """Policy-gradient update on the trainable responses, split into `mini_batches` optimizer steps."""
-        cfg = self.cfg
-        idx = [i for i, ok in enumerate(trainable) if ok]
-        if not idx:
-            return {"loss": float("nan"), "clip_fraction": 0.0, "entropy": float("nan"), "kl": 0.0, "grad_norm": 0.0,
-                    "trained_responses": 0}
-        batch = pack([flat[i][1].prompt_token_ids for i in idx], [flat[i][2].token_ids for i in idx],
-                     self.tok.pad_token_id).to(self.dev)
-        adv = adv[idx].to(self.dev)
-        with torch.no_grad():  # behaviour-policy logprobs recomputed by the trainer (as verl does)
-            old_lp, _ = forward_logprobs(self.model, batch)
-            ref_lp = forward_logprobs(self.ref, batch)[0] if self.ref is not None else None
-        global_tokens = float(batch.response_mask.sum())
-        chunks = torch.arange(len(idx)).chunk(min(cfg.mini_batches, len(idx)))
-        stats = {"loss": 0.0, "clip_fraction": 0.0, "entropy": 0.0, "kl": 0.0, "grad_norm": 0.0}
-        for rows in chunks:
-            mb: PackedBatch = batch.rows(rows)
-            lp, ent = forward_logprobs(self.model, mb, with_entropy=True)
-            mb_tokens = float(mb.response_mask.sum())
-            # token_mean normalises by the whole step's token count, so mini-batches add up to DAPO's loss.
-            loss, pst = clipped_policy_loss(
-                lp, old_lp[rows], adv[rows], mb.response_mask.float(), clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-                agg=cfg.loss_agg, global_tokens=global_tokens, norm_length=cfg.max_response_tokens,
-            )
-            if cfg.loss_agg != "token_mean":
-                loss = loss * len(rows) / len(idx)  # sequence-mean modes: weight mini-batches by size
-            kl = torch.zeros((), device=self.dev)
-            if ref_lp is not None:
-                kl = aggregate(kl_k3(lp, ref_lp[rows]), mb.response_mask.float(), "token_mean", global_tokens=mb_tokens)
-                loss = loss + cfg.kl_coef * kl * mb_tokens / global_tokens
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gn = torch.nn.utils.clip_grad_norm_(trainable_parameters(self.model), cfg.max_grad_norm)
-            self.opt.step()
-            w = mb_tokens / global_tokens
-            stats["loss"] += loss.item()
-            stats["clip_fraction"] += pst["clip_fraction"] * w
-            stats["entropy"] += float((ent * mb.response_mask).sum()) / global_tokens
-            stats["kl"] += kl.item() * w
-            stats["grad_norm"] += float(gn) / len(chunks)
-        stats["trained_responses"] = len(idx)
-        return stats
+    def _trajectories(self, step: int, generated: list[_Group]) -> list[dict[str, Any]]:
+        return [
+            trajectory_row(g.example, g.result.prompt, g.result.prompt_token_ids, c, s, step=step, reward=float(rw))
+            for g in generated
+            for c, s, rw in zip(g.result.completions, g.scores, g.rewards.tolist(), strict=True)
+        ]

@@ -1,6 +1,8 @@
-"""Supervised fine-tuning on (prompt, response) pairs: the RFT stage and the tiny model's warm-up.
+"""Supervised fine-tuning on (prompt ids, response ids) pairs: the RFT stage and the tiny model's warm-up.
 
-Loss = NLL of response tokens only (prompt tokens are context, never targets).
+Loss = NLL of response tokens only (prompt tokens are context, never targets). RFT passes the exact
+token ids that were sampled during RL (`rloop.pool`), so it trains on what the model produced:
+no re-tokenization, no second BOS, no EOS appended to a response that was cut off.
 """
 
 from __future__ import annotations
@@ -11,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from rloop.policy import trainable_parameters
+from rloop.policy import autocast, trainable_parameters
 from rloop.train.algos import response_nll
-from rloop.train.batching import forward_logprobs, pack
+from rloop.train.batching import PackedBatch, forward_logprobs, pack
 
 
 @dataclass
@@ -23,24 +25,35 @@ class SFTResult:
     last_loss: float
 
 
-def encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]], add_special_tokens: bool = True):
-    """Token ids of prompts and of responses (+EOS, so the model learns to stop)."""
-    prompts = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p, _ in pairs]
-    responses = [tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for _, r in pairs]
-    return prompts, responses
+TokenPair = tuple[list[int], list[int]]
+"""(prompt token ids, response token ids): exactly what the model saw and what it should produce."""
+
+
+def encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]]) -> list[TokenPair]:
+    """Token pairs for text pairs the model never sampled (the tiny model's synthetic warm-up):
+    prompt with the tokenizer's special tokens, response + EOS so the model learns to stop.
+    RFT never uses this: it trains on the pool's sampled ids."""
+    return [(list(tokenizer(p)["input_ids"]), list(tokenizer(r, add_special_tokens=False)["input_ids"])
+             + [tokenizer.eos_token_id]) for p, r in pairs]
+
+
+def _pack(pairs: Sequence[TokenPair], pad_id: int, dev) -> PackedBatch:
+    return pack([p for p, _ in pairs], [r for _, r in pairs], pad_id).to(dev)
 
 
 @torch.no_grad()
-def mean_nll(model, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int = 256) -> float:
+def mean_nll(model, pairs: Sequence[TokenPair], *, pad_id: int, batch_size: int = 256,
+             compute_dtype: str = "float32") -> float:
     """Token-mean response NLL over all pairs (how well the model fits an expert set)."""
-    prompts, responses = encode_pairs(tokenizer, pairs)
     dev = next(model.parameters()).device
+    context = autocast(compute_dtype, dev)
     total, count = 0.0, 0
     was_training = model.training
     model.eval()
     for i in range(0, len(pairs), batch_size):
-        b = pack(prompts[i : i + batch_size], responses[i : i + batch_size], tokenizer.pad_token_id).to(dev)
-        lp, _ = forward_logprobs(model, b)
+        b = _pack(pairs[i : i + batch_size], pad_id, dev)
+        with context():
+            lp, _ = forward_logprobs(model, b)
         total += float(-(lp * b.response_mask).sum())
         count += int(b.response_mask.sum())
     model.train(was_training)
@@ -49,20 +62,27 @@ def mean_nll(model, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int
 
 def sft_train(
     model,
-    tokenizer,
-    pairs: Sequence[tuple[str, str]] | Callable[[int], Sequence[tuple[str, str]]],
+    pairs: Sequence[TokenPair] | Callable[[int], Sequence[TokenPair]],
     *,
+    pad_id: int,
     steps: int,
     batch_size: int,
     lr: float,
     seed: int = 0,
     weight_decay: float = 0.0,
     max_grad_norm: float = 1.0,
+    micro_batch_size: int | None = None,
+    compute_dtype: str = "float32",
     on_step: Callable[[int, float], None] | None = None,
 ) -> SFTResult:
     """AdamW on response NLL for `steps` steps. `pairs` is a fixed list (shuffled into epochs) or a
-    function step -> fresh batch (the warm-up draws new synthetic pairs every step)."""
+    function step -> fresh batch (the warm-up draws new synthetic pairs every step).
+
+    Each step is one optimizer step on `batch_size` pairs; `micro_batch_size` accumulates gradients
+    over smaller forward/backward passes (memory only: the loss is the batch's token mean either way).
+    """
     dev = next(model.parameters()).device
+    context = autocast(compute_dtype, dev)
     opt = torch.optim.AdamW(trainable_parameters(model), lr=lr, weight_decay=weight_decay)
     rng = random.Random(seed)
     order: list[int] = []
@@ -70,7 +90,7 @@ def sft_train(
     first = last = float("nan")
     for step in range(steps):
         if callable(pairs):
-            batch_pairs = pairs(step)
+            batch_pairs = list(pairs(step))
         else:
             if len(order) < batch_size:
                 fresh = list(range(len(pairs)))
@@ -78,15 +98,20 @@ def sft_train(
                 order += fresh
             batch_pairs = [pairs[i] for i in order[:batch_size]]
             del order[:batch_size]
-        prompts, responses = encode_pairs(tokenizer, batch_pairs)
-        b = pack(prompts, responses, tokenizer.pad_token_id).to(dev)
-        lp, _ = forward_logprobs(model, b)
-        loss = response_nll(lp, b.response_mask)
+        tokens = float(sum(len(r) for _, r in batch_pairs))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss_value = 0.0
+        micro = micro_batch_size or len(batch_pairs)
+        for i in range(0, len(batch_pairs), micro):
+            b = _pack(batch_pairs[i : i + micro], pad_id, dev)
+            with context():
+                lp, _ = forward_logprobs(model, b)
+            loss = response_nll(lp, b.response_mask, global_tokens=tokens)
+            loss.backward()
+            loss_value += loss.item()
         torch.nn.utils.clip_grad_norm_(trainable_parameters(model), max_grad_norm)
         opt.step()
-        last = loss.item()
+        last = loss_value
         if step == 0:
             first = last
         if on_step:

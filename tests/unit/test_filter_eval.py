@@ -9,8 +9,9 @@ from rloop.stages.eval import eval_metrics
 from rloop.stages.verify import select_experts
 
 
-def row(pid: str, response: str, correct: bool, step: int = 0) -> dict:
-    return {"prompt_id": pid, "prompt": f"prompt-{pid}", "response": response, "correct": correct, "step": step}
+def row(pid: str, response: str, correct: bool, step: int = 0, finish: str = "stop") -> dict:
+    return {"prompt_id": pid, "prompt": f"prompt-{pid}", "response": response, "correct": correct, "step": step,
+            "finish_reason": finish}
 
 
 # a: mastered (4/4), solved at the last step      -> union yes, final yes
@@ -23,6 +24,19 @@ POOL = [
     row("c", "1", False, 0), row("c", "2", False, 1),
     *(row("d", str(i), True, 1) for i in range(1, 7)), row("d", "7", False, 1), row("d", "8", False, 1),
 ]
+
+
+def test_truncated_correct_responses_are_left_out_unless_asked():
+    """A correct answer cut off at the generation cap: RFT on it (with or without an EOS) would teach the
+    model to stop mid-solution, so by default it is no expert, though it still counts for the pass rate."""
+    pool = [row("p", "42", True), row("p", "4 + 38 = 42 and th", True, finish="length"), row("p", "7", False),
+            row("q", "6 * 7 = 42, so the ans", True, finish="length"), row("q", "1", False)]
+    experts, stats = select_experts(pool, FilterSpec(max_pass_rate=0.7))
+    assert by_prompt(experts) == {"p": ["42"]}
+    assert experts[0]["pool_pass_rate"] == pytest.approx(2 / 3)  # the truncated success counts as solved
+    assert stats["truncated_correct"] == 2 and stats["expert_prompts"] == 1
+    experts, _ = select_experts(pool, FilterSpec(max_pass_rate=0.7, include_truncated=True))
+    assert by_prompt(experts) == {"p": ["42", "4 + 38 = 42 and th"], "q": ["6 * 7 = 42, so the ans"]}
 
 
 def by_prompt(experts):
@@ -47,6 +61,7 @@ def test_filter_drops_mastered_prompts_dedups_and_caps():
         "prompts_over_max_pass_rate": 1,
         "expert_prompts": 2,
         "expert_trajectories": 5,
+        "truncated_correct": 0,
         "distinct_correct_responses": 10,  # a: 5, 14; b: 12, 21; d: 1..6
         "union_coverage": 0.75,
         "final_coverage": 0.5,

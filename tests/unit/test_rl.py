@@ -10,10 +10,15 @@ import torch
 
 pytest.importorskip("transformers")
 
+import copy
+
 from rloop.data.synthetic import make_split
-from rloop.policy import attach_lora, build_tiny
+from rloop.policy import attach_lora, build_tiny, load_policy, prepare_for_training, save_policy
+from rloop.rollout import SamplingParams
 from rloop.rollout.hf import HFEngine
 from rloop.spec import LoraSpec, RLSpec, TinyModel
+from rloop.train.algos import group_advantages
+from rloop.train.batching import forward_logprobs, pack
 from rloop.train.rl import PromptSampler, RLTrainer, advantages_with_unscorable, shaped_rewards
 from tests.helpers import one_torch_thread  # noqa: F401  (autouse fixture)
 
@@ -49,9 +54,12 @@ def tiny(seed: int = 0, hidden: int = 32):
     return build_tiny(TinyModel(hidden_size=hidden, layers=1, heads=2, seed=seed))
 
 
-def trainer(model, tok, score, **rl) -> RLTrainer:
+def trainer(model, tok, score, compute_dtype: str = "float32", **rl) -> RLTrainer:
     cfg = RLSpec(**{"prompts_per_step": 4, "samples_per_prompt": 4, "max_response_tokens": 4, **rl})
-    return RLTrainer(model, tok, HFEngine(model, tok), cfg, score)
+    from rloop.policy import autocast
+
+    engine = HFEngine(model, tok, autocast=autocast(compute_dtype))
+    return RLTrainer(model, tok, engine, cfg, score, compute_dtype=compute_dtype)
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:
@@ -185,3 +193,168 @@ def test_rl_raises_reward_on_an_easy_task():
     first, last = statistics.mean(rewards[:5]), statistics.mean(rewards[-5:])
     assert first < 0.25
     assert last > 0.45 and last - first > 0.3, rewards
+
+
+# ------------------------------------------------------------------------- the update, exactly
+
+
+def _record_first_step_grads(tr: RLTrainer) -> dict[str, torch.Tensor]:
+    """Gradients as the optimizer sees them at its first step (clipping disabled by the caller)."""
+    grads: dict[str, torch.Tensor] = {}
+    real_step = tr.opt.step
+
+    def step(*args, **kwargs):
+        if not grads:
+            grads.update({n: p.grad.clone() for n, p in tr.model.named_parameters() if p.grad is not None})
+        return real_step(*args, **kwargs)
+
+    tr.opt.step = step
+    return grads
+
+
+def test_each_mini_batch_is_normalised_by_its_own_tokens():
+    """With M mini-batches each optimizer step is the token-mean loss of its own mini-batch (verl/TRL),
+    not 1/M of it: the first step's gradient equals that of -sum(A * logprob) / (its own token count)."""
+    model, tok = tiny()
+    start = copy.deepcopy(model)
+    tr = trainer(model, tok, digit_share, lr=1e-3, mini_batches=2, max_grad_norm=1e9, loss_agg="token_mean")
+    grads = _record_first_step_grads(tr)
+    out = tr.step(0, PromptSampler(EXAMPLES, 0).next(4), render)
+    assert out.metrics["optimizer_steps"] == 2
+    rows = out.trajectories[:8]  # the first of two mini-batches: prompt groups 0 and 1
+    adv = group_advantages(torch.tensor([t["reward"] for t in out.trajectories]).view(4, 4))[:2].flatten()
+    batch = pack([t["prompt_token_ids"] for t in rows], [t["response_token_ids"] for t in rows], tok.pad_token_id)
+    lp, _ = forward_logprobs(start, batch)
+    mask = batch.response_mask.float()
+    (-(adv.unsqueeze(1) * lp * mask).sum() / mask.sum()).backward()
+    expected = {n: p.grad for n, p in start.named_parameters() if p.grad is not None}
+    assert grads.keys() == expected.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], expected[name], atol=1e-6, rtol=1e-4)
+
+
+def test_micro_batches_give_the_same_update_as_the_whole_mini_batch():
+    after = []
+    for micro in (None, 3):  # 16 responses, 2 mini-batches of 8, micro-batches of 3 + 3 + 2
+        model, tok = tiny()
+        trainer(model, tok, digit_share, lr=1e-2, mini_batches=2, micro_batch_size=micro).step(
+            0, PromptSampler(EXAMPLES, 0).next(4), render)
+        after.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.testing.assert_close(after[1], after[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("mini_batches", "epochs", "forwards"), [(1, 1, 1), (2, 1, 3), (2, 2, 5)])
+def test_on_policy_update_runs_no_behaviour_policy_pass(mini_batches, epochs, forwards):
+    """One optimizer step per batch: old logprobs = detached current ones (ratio 1), one forward in all.
+    Otherwise one no-grad pass for the behaviour policy plus one forward per optimizer step."""
+    model, tok = tiny()
+    calls = []
+    model.get_decoder().register_forward_hook(lambda module, *_: calls.append(module.training))
+    out = trainer(model, tok, digit_share, mini_batches=mini_batches, update_epochs=epochs).step(
+        0, PromptSampler(EXAMPLES, 0).next(4), render)
+    assert out.metrics["optimizer_steps"] == mini_batches * epochs
+    assert sum(calls) == forwards  # training-mode forwards (generation runs in eval mode)
+
+
+def test_trainer_scores_at_the_sampling_temperature():
+    model, tok = tiny()
+    tr = trainer(model, tok, digit_share, temperature=0.7)
+    [result] = tr.engine.generate(["38152/09:"], SamplingParams(n=8, max_tokens=4, temperature=0.7, seed=1))
+    batch = pack([result.prompt_token_ids] * 8, [c.token_ids for c in result.completions], tok.pad_token_id)
+    lp = tr.logprobs(model, batch, micro=3)
+    for i, c in enumerate(result.completions):
+        torch.testing.assert_close(lp[i][batch.response_mask[i]], torch.tensor(c.logprobs), atol=1e-4, rtol=0)
+
+
+def test_gradient_checkpointing_gives_the_same_update():
+    after = []
+    for checkpointing in (False, True):
+        model, tok = tiny()
+        model = prepare_for_training(model, None, gradient_checkpointing=checkpointing)
+        assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules()) == checkpointing
+        trainer(model, tok, digit_share, lr=1e-2).step(0, PromptSampler(EXAMPLES, 0).next(4), render)
+        after.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.testing.assert_close(after[1], after[0], atol=1e-5, rtol=0)
+
+
+def test_bf16_keeps_fp32_master_weights_so_tiny_updates_land(tmp_path):
+    """AdamW's first step moves each weight by ~lr. In bf16 (8 bits of mantissa) a 1e-6 step on weights
+    of size ~0.02 rounds away; fp32 master weights under bf16 autocast keep it."""
+    model, tok = tiny()
+    save_policy(model, tok, tmp_path / "p", "bfloat16")
+    stored, _ = load_policy(tmp_path / "p", "bfloat16")
+    assert all(p.dtype == torch.bfloat16 for p in stored.parameters())  # stored and evaluated in bf16
+    master, _ = load_policy(tmp_path / "p", "bfloat16", training=True)
+    assert all(p.dtype == torch.float32 for p in master.parameters())
+    before = snapshot(master)
+    out = trainer(master, tok, digit_share, compute_dtype="bfloat16", lr=1e-6).step(
+        0, PromptSampler(EXAMPLES, 0).next(4), render)
+    assert math.isfinite(out.metrics["loss"]) and out.metrics["grad_norm"] > 0
+    moved = changed(master, before)
+    assert len(moved) == len(before)  # every tensor moved
+    # the same step on bf16 weights: (almost) nothing changes
+    bf16_before = snapshot(stored)
+    trainer(stored, tok, digit_share, lr=1e-6).step(0, PromptSampler(EXAMPLES, 0).next(4), render)
+    stuck = sum(int((p.detach() == bf16_before[n]).sum()) for n, p in stored.named_parameters())
+    assert stuck / sum(p.numel() for p in stored.parameters()) > 0.9
+
+
+# ---------------------------------------------------------------------------------- dynamic sampling
+
+
+def test_dynamic_sampling_filters_on_accuracy_not_shaped_reward():
+    """All correct, but the overlong penalty makes rewards differ by length: still no signal to learn."""
+    model, tok = tiny()
+    tr = trainer(model, tok, always_right, algorithm="dapo", overlong_buffer=3, max_response_tokens=4)
+    out = tr.step(0, PromptSampler(EXAMPLES, 0).next(4), render)
+    rewards = [t["reward"] for t in out.trajectories]
+    assert len(set(rewards)) > 1  # shaped rewards do differ
+    assert out.metrics["groups_kept"] == 0 and out.metrics["trained_responses"] == 0
+
+
+def test_dynamic_sampling_ignores_unscorable_samples():
+    """[1, None, 1, 1] is an all-correct group: the unscorable sample does not make it mixed."""
+    model, tok = tiny()
+    calls = iter(range(10**6))
+
+    def one_unscorable_per_group(texts, examples):
+        return [None if next(calls) % 4 == 1 else 1.0 for _ in texts]
+
+    out = trainer(model, tok, one_unscorable_per_group, algorithm="dapo").step(
+        0, PromptSampler(EXAMPLES, 0).next(4), render)
+    assert out.metrics["unscorable"] == 4 and out.metrics["groups_kept"] == 0
+
+
+def _odd_first_digit(example) -> bool:
+    return int(example.prompt[0]) % 2 == 1
+
+
+def signal_for_odd_prompts(texts, examples):
+    """Groups of prompts starting with an odd digit are mixed (0, 1, 0, 1); all others are all correct."""
+    return [float(i % 2) if _odd_first_digit(e) else 1.0 for i, (t, e) in enumerate(zip(texts, examples, strict=True))]
+
+
+def test_dynamic_sampling_refills_the_batch_with_more_prompts():
+    model, tok = tiny()
+    sampler = PromptSampler(make_split("train", 64, seed=0), 0)
+    first = sampler.next(4)
+    assert sum(map(_odd_first_digit, first)) < 4  # precondition: round one alone cannot fill the batch
+    tr = trainer(model, tok, signal_for_odd_prompts, algorithm="dapo", dynamic_sampling_max_rounds=5)
+    out = tr.step(0, first, render, more=sampler.next)
+    m = out.metrics
+    assert m["generation_rounds"] >= 2 and m["groups_generated"] == 4 * m["generation_rounds"]
+    assert m["groups_trained"] == 4 and m["trained_responses"] == 16 and m["groups_kept"] >= 4
+    assert len(out.trajectories) == 16 * m["generation_rounds"]  # every generated trajectory goes to the pool
+    # without `more` (or without dynamic sampling) there is one round and the batch shrinks instead
+    model, tok = tiny()
+    once = trainer(model, tok, signal_for_odd_prompts, algorithm="dapo").step(0, first, render)
+    assert once.metrics["generation_rounds"] == 1 and once.metrics["groups_trained"] < 4
+
+
+def test_dynamic_sampling_stops_after_max_rounds():
+    model, tok = tiny()
+    sampler = PromptSampler(EXAMPLES, 0)
+    out = trainer(model, tok, always_right, algorithm="dapo", dynamic_sampling_max_rounds=3).step(
+        0, sampler.next(4), render, more=sampler.next)
+    assert out.metrics["generation_rounds"] == 3 and out.metrics["groups_trained"] == 0
+    assert len(out.trajectories) == 48

@@ -63,14 +63,16 @@ def test_lengths_eos_and_finish_reason(policy):
     assert finishes == {"stop", "length"}  # 64 samples from a random model: both must occur
 
 
-def test_sampling_logprobs_match_teacher_forcing(policy):
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampling_logprobs_match_the_trainer(policy, temperature):
+    """The trainer scores exactly the policy the engine sampled from: softmax(logits / T)."""
     model, tok = policy
-    results = HFEngine(model, tok).generate(PROMPTS, SamplingParams(n=4, max_tokens=6, seed=2))
+    results = HFEngine(model, tok).generate(PROMPTS, SamplingParams(n=4, max_tokens=6, temperature=temperature, seed=2))
     pairs = [(r.prompt_token_ids, c) for r, c in _all(results) if c.token_ids]
     batch = pack([p for p, _ in pairs], [c.token_ids for _, c in pairs], tok.pad_token_id)
     model.eval()
     with torch.no_grad():
-        lp, _ = forward_logprobs(model, batch)
+        lp, _ = forward_logprobs(model, batch, temperature=temperature)
     for i, (_, c) in enumerate(pairs):
         teacher = lp[i][batch.response_mask[i]]
         torch.testing.assert_close(torch.tensor(c.logprobs), teacher, atol=1e-4, rtol=0)
@@ -126,3 +128,92 @@ def test_stop_strings_truncate_text(policy):
             assert c.text == full[: full.index(stop)]
             assert len(c.logprobs) == len(c.token_ids)
     assert stopped > 0
+
+
+# ------------------------------------------------------------------- real-tokenizer conventions
+
+
+@pytest.fixture
+def pad_is_eos():
+    """The tiny policy with a tokenizer whose pad token is its EOS (as SmolLM2, Qwen2.5, Llama-3 ship)."""
+    model, tok = build_tiny(TinyModel(hidden_size=32, layers=2, heads=2, seed=0))
+    tok.pad_token = tok.eos_token
+    model.generation_config.pad_token_id = tok.eos_token_id
+    assert tok.pad_token_id == tok.eos_token_id
+    return model, tok
+
+
+def test_pad_equal_to_eos_is_never_read_as_a_sampled_eos(pad_is_eos):
+    """A row ended by a stop string is padded with pad == eos; those pads are not the model's tokens."""
+    model, tok = pad_is_eos
+    eng = HFEngine(model, tok)
+    stop = "1"
+    results = eng.generate(PROMPTS, SamplingParams(n=16, max_tokens=8, seed=4, stop=(stop,)))
+    by_stop = [c for _, c in _all(results) if c.finish_reason == "stop" and tok.eos_token_id not in c.token_ids]
+    assert by_stop, "no completion ended by the stop string"
+    for _, c in _all(results):
+        assert len(c.logprobs) == len(c.token_ids)
+        if tok.eos_token_id in c.token_ids:  # a real EOS is the last token and ends the response
+            assert c.token_ids.index(tok.eos_token_id) == len(c.token_ids) - 1 and c.finish_reason == "stop"
+            assert stop not in tok.decode(c.token_ids[:-1])
+    for c in by_stop:  # the last token completes the stop string: nothing after it
+        assert tok.decode(c.token_ids).endswith(stop) and stop not in tok.decode(c.token_ids[:-1])
+    # every kept token is one the model sampled: its sampling logprob is that of a real choice
+    assert all(lp > -30 for _, c in _all(results) for lp in c.logprobs)
+
+
+def test_every_eos_id_of_the_generation_config_ends_a_response(policy):
+    """Llama-3 style: generation_config lists several EOS ids; each one ends a response."""
+    model, tok = policy
+    extra = tok.convert_tokens_to_ids("3")
+    model.generation_config.eos_token_id = [tok.eos_token_id, extra]
+    try:
+        eng = HFEngine(model, tok)
+        assert eng.eos_ids == [tok.eos_token_id, extra]
+        results = eng.generate(PROMPTS, SamplingParams(n=16, max_tokens=8, seed=5))
+    finally:
+        model.generation_config.eos_token_id = tok.eos_token_id
+    ended_by_extra = 0
+    for _, c in _all(results):
+        for eos in (tok.eos_token_id, extra):
+            if eos in c.token_ids:
+                assert c.token_ids.index(eos) == len(c.token_ids) - 1 and c.finish_reason == "stop"
+        ended_by_extra += c.token_ids[-1:] == [extra]
+        assert "3" not in c.text  # an EOS id is stripped from the text like the EOS token
+    assert ended_by_extra > 0
+
+
+def test_generation_config_of_the_model_is_not_inherited(policy):
+    """A hub model's generation_config (top-k, repetition penalty, no-repeat n-grams) must not change
+    what the engine samples: the sampled distribution is softmax(logits / T), as the trainer scores it."""
+    model, tok = policy
+    plain = [c.token_ids for _, c in _all(HFEngine(model, tok).generate(PROMPTS, SamplingParams(n=8, max_tokens=8, seed=6)))]
+    model.generation_config.no_repeat_ngram_size = 1
+    model.generation_config.top_k = 1
+    model.generation_config.repetition_penalty = 50.0
+    try:
+        shaped = [c.token_ids for _, c in _all(HFEngine(model, tok).generate(PROMPTS, SamplingParams(n=8, max_tokens=8, seed=6)))]
+        assert model.generation_config.top_k == 1  # the model's own config is left as it was
+    finally:
+        model.generation_config.no_repeat_ngram_size = 0
+        model.generation_config.top_k = 50
+        model.generation_config.repetition_penalty = 1.0
+    assert shaped == plain
+    assert any(len(set(ids)) < len(ids) for ids in plain)  # repeats occur, so no-repeat would have changed them
+
+
+def test_engine_keeps_no_full_vocabulary_logits(policy, monkeypatch):
+    """[B, T, V] logits per rollout (~160 GB at 256 x 1k tokens x 152k vocab) are never requested."""
+    model, tok = policy
+    seen = {}
+    real = model.generate
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", spy)
+    HFEngine(model, tok).generate(PROMPTS, SamplingParams(n=2, max_tokens=4, seed=0))
+    config = seen["generation_config"]
+    assert not config.output_logits and not config.output_scores
+    assert not seen.get("output_logits") and not seen.get("output_scores")

@@ -112,6 +112,25 @@ def test_overlong_buffer_not_below_max_response_tokens() -> None:
     assert "overlongBuffer: 4" in msg
 
 
+def test_float16_is_rejected_with_the_fix() -> None:
+    msg = error(doc({"model": {"dtype": "float16"}}))
+    assert msg.startswith("spec.model.dtype:")
+    assert "loss scaling" in msg and "'bfloat16'" in msg
+
+
+def test_mini_batches_beyond_the_responses_per_step() -> None:
+    msg = error(doc({"loop": {"rl": {"promptsPerStep": 2, "samplesPerPrompt": 2, "miniBatches": 8}}}))
+    assert msg.startswith("spec.loop.rl:") and "miniBatches (8)" in msg and "= 4" in msg
+
+
+def test_update_knobs_have_on_policy_defaults() -> None:
+    rl = make().spec.loop.rl
+    assert (rl.mini_batches, rl.update_epochs, rl.micro_batch_size, rl.dynamic_sampling_max_rounds) == (1, 1, None, 3)
+    spec = make().spec
+    assert spec.loop.filter.include_truncated is False and spec.model.gradient_checkpointing is False
+    assert spec.loop.rft.micro_batch_size is None
+
+
 def test_builtin_tiny_needs_synthetic_train_set() -> None:
     msg = error(doc({"data": {"train": {"synthetic": None, "path": "train.jsonl"}}}))
     assert "model.base 'builtin:tiny'" in msg
