@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export MPLBACKEND := Agg
 
-.PHONY: install prometheus demo demo-rl test test-unit lint crd smollm2 clean
+.PHONY: install prometheus demo demo-rl demo-gsm8k test test-unit lint crd smollm2 clean
 
 $(STAMP):
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -61,6 +61,9 @@ SMOLLM2_DIR := models/smollm2-135m-instruct
 smollm2: install  ## SmolLM2-135M-Instruct as a plain HF directory in models/ (model.base for real-weights runs)
 	@if [ -f $(SMOLLM2_DIR)/config.json ]; then echo "$(SMOLLM2_DIR) already imported"; \
 	else $(BIN)/rloop import-model --smollm2 $(SMOLLM2_DIR); fi
+
+demo-gsm8k: smollm2  ## GSM8K with real weights (SmolLM2-135M-Instruct), CPU-sized: examples/gsm8k-smollm2-cpu.yaml
+	$(BIN)/rloop run examples/gsm8k-smollm2-cpu.yaml
 
 crd: install  ## regenerate crds/rlooprun.yaml from rloop/spec.py
 	$(BIN)/python -m rloop.crd --write
