@@ -15,7 +15,7 @@ import argparse
 import json
 import sys
 
-from rloop.stages.common import EXIT_INVALID_INPUT
+from rloop.contracts import EXIT_INVALID_INPUT
 
 
 def _cmd_run(args) -> int:
@@ -24,6 +24,7 @@ def _cmd_run(args) -> int:
     from rloop.spec import load_run
 
     run = load_run(args.file)
+    _warn(run)
     store_uri = args.store or run.spec.storage.uri or DEFAULT_STORE
     try:
         res = run_local(run, store_uri)
@@ -96,10 +97,20 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def _warn(run) -> None:
+    """Settings the spec sets but its mode ignores (valid; see rloop.spec.spec_warnings)."""
+    from rloop.spec import spec_warnings
+
+    for line in spec_warnings(run.spec):
+        print(f"rloop: warning: {line}", file=sys.stderr)
+
+
 def _cmd_validate(args) -> int:
     from rloop.spec import load_run
 
-    print(json.dumps(load_run(args.file).to_wire(), indent=1))
+    run = load_run(args.file)
+    _warn(run)
+    print(json.dumps(run.to_wire(), indent=1))
     return 0
 
 
@@ -172,7 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except SpecError as err:
-        print(f"rloop: invalid RLoopRun:\n{err}", file=sys.stderr)
+        text = str(err)  # one line per problem; a single problem stays on the header's line
+        sep = "\n" if "\n" in text else " "
+        print(f"rloop: invalid RLoopRun:{sep}{text}", file=sys.stderr)
         return EXIT_INVALID_INPUT
     except StoreError as err:
         print(f"rloop: {err}", file=sys.stderr)

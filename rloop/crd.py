@@ -49,6 +49,8 @@ _KEY_ORDER = (
     "maxLength",
     "minItems",
     "maxItems",
+    "maxProperties",
+    "x-kubernetes-list-type",
     "required",
     "properties",
     "items",

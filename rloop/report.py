@@ -33,12 +33,11 @@ def collect(store: RunStore) -> dict[str, Any]:
             label = "base" if st.iteration is None else str(st.iteration)
             data["eval"].setdefault(st.eval_set, {})[label] = m.summary
         elif st.kind == "rl":
-            with store.open_verified(stage_id, "metrics.jsonl", m) as f:
-                for line in f.read().decode().splitlines():
-                    row = json.loads(line)
-                    row["iteration"] = st.iteration
-                    row["global_step"] = st.iteration * spec.loop.rl.steps + row["step"] + 1
-                    data["rl_steps"].append(row)
+            for line in store.read_verified(stage_id, "metrics.jsonl", m).decode().splitlines():
+                row = json.loads(line)
+                row["iteration"] = st.iteration
+                row["global_step"] = st.iteration * spec.loop.rl.steps + row["step"] + 1
+                data["rl_steps"].append(row)
     return data
 
 

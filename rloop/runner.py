@@ -19,12 +19,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from rloop.contracts import EXIT_CORRUPT_INPUT, EXIT_INVALID_INPUT, EXIT_STORE_UNAVAILABLE
 from rloop.plan import Stage, all_stages, plan
 from rloop.spec import RLoopRun, SpecError, immutable_changes, parse_run
-from rloop.stages.common import EXIT_CORRUPT_INPUT, EXIT_INVALID_INPUT
 from rloop.store import RunStore
 
 DEFAULT_STORE = "./rloop-runs"
+STORE_UNAVAILABLE_RETRIES = 10
+"""Re-runs of a stage that exited EXIT_STORE_UNAVAILABLE (each after its own in-stage retry window)."""
+STORE_UNAVAILABLE_WAIT_S = 5.0
 
 
 class RunFailed(RuntimeError):
@@ -90,6 +93,7 @@ def run_local(
     spec = run.spec
     ids = [s.id for s in all_stages(spec)]
     attempts: dict[str, int] = {}
+    unavailable: dict[str, int] = {}
     ran: list[str] = []
     with _run_lock(store):
         while True:
@@ -107,6 +111,14 @@ def run_local(
                 raise RunFailed(f"stage {stage.id} rejected its input (exit {rc}); fix the spec/data and run again")
             if rc in (130, -signal.SIGINT):
                 raise KeyboardInterrupt
+            if rc == EXIT_STORE_UNAVAILABLE:  # nothing was invalidated; retried on a budget of its own
+                unavailable[stage.id] = unavailable.get(stage.id, 0) + 1
+                if unavailable[stage.id] > STORE_UNAVAILABLE_RETRIES:
+                    raise RunFailed(f"stage {stage.id}: the store stayed unavailable through "
+                                    f"{unavailable[stage.id]} attempts; check it and run again to resume")
+                log(f"      {stage.id}: store unavailable (exit {rc}); retrying in {STORE_UNAVAILABLE_WAIT_S:.0f}s")
+                time.sleep(STORE_UNAVAILABLE_WAIT_S)
+                continue
             attempts[stage.id] = n + 1
             if rc != EXIT_CORRUPT_INPUT and attempts[stage.id] > spec.retry.limit:
                 raise RunFailed(f"stage {stage.id} failed {attempts[stage.id]} times (last exit code {rc})")

@@ -5,38 +5,138 @@ The same document is a Kubernetes custom resource (`kubectl apply`) and the loca
 (`python -m rloop.crd`). Field names are camelCase on the wire (Kubernetes convention) and
 snake_case in Python.
 
+Manifests are validated the way the Kubernetes API server reads them (`parse_run`, `parse_spec`,
+`load_run`): camelCase names only, strict JSON types (no `"3e-4"` for a number, no `"yes"` for a
+boolean; an integer is accepted where a number is expected), integers within int64, finite numbers,
+bounded strings and lists (the same bounds are in the CRD). Python code may still build the models
+by field name (`RLSpec(prompts_per_step=4)`). Files are read with a size cap, decoded strictly, and
+parsed with a YAML loader that refuses aliases, duplicate keys and deep nesting.
+
 This module is deliberately light (pydantic + yaml only): the operator imports it.
 """
 
 from __future__ import annotations
 
+import difflib
+import json
+import math
 import re
+import string
+import types
+import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
+from pydantic_core import PydanticCustomError
 
 API_GROUP = "rloop.dev"
 API_VERSION = "v1alpha1"
 KIND = "RLoopRun"
 PLURAL = "rloopruns"
 
+# ---------------------------------------------------------------------------------------- limits
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+"""Kubernetes stores integers as int64; anything beyond is rejected by the API server."""
+SEED_MAX = 2**32 - 1
+"""Seeds: every RNG RLoop feeds (random, torch, numpy, vLLM) takes 32-bit seeds."""
+MAX_MANIFEST_BYTES = 1 << 20
+"""A manifest file larger than this is refused before parsing (a real one is a few KiB)."""
+MAX_DEPTH = 32
+"""Deepest nesting of mappings/lists in a manifest (the schema itself is 6 levels deep)."""
+MAX_STRING = 64 * 1024
+"""Longest string anywhere in a manifest (spec fields have tighter bounds of their own)."""
+MAX_SPEC_JSON = 64 * 1024
+"""Largest resolved spec, as JSON: stage Jobs carry it in one environment variable (Linux: 128 KiB)."""
+MAX_PROBLEMS = 20
+"""At most this many problems are listed in one error (the rest are counted)."""
+_MAX_LINE = 400
+
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS_SUBDOMAIN_RE = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+_DNS_SUBDOMAIN = re.compile(_DNS_SUBDOMAIN_RE)
+_LABEL_VALUE_RE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+_LABEL_VALUE = re.compile(_LABEL_VALUE_RE)
+_LABEL_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
+_QUANTITY_RE = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$"
+_QUANTITY = re.compile(_QUANTITY_RE)
+# An OCI image reference (the grammar of github.com/distribution/reference), ASCII only.
+_IMAGE_DOMAIN = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])(?:\.(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9]))*"
+_IMAGE_PATH = r"[a-z0-9]+(?:(?:[._]|__|[-]+)[a-z0-9]+)*"
+_IMAGE_RE = (
+    rf"^(?:(?:{_IMAGE_DOMAIN}|\[[a-fA-F0-9:]+\])(?::[0-9]+)?/)?{_IMAGE_PATH}(?:/{_IMAGE_PATH})*"
+    r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?"
+    r"(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9A-Fa-f]{32,})?$"
+)
+_IMAGE = re.compile(_IMAGE_RE)
+
+
+def _pattern(regex: str) -> dict[str, str]:
+    """The same check in the CRD (the API server enforces it), next to the validator's friendly message."""
+    return {"pattern": regex}
 
 
 class SpecError(ValueError):
     """An RLoopRun that cannot run. The message names each bad field and how to fix it."""
 
 
+def _field_error(field: str, message: str) -> PydanticCustomError:
+    """A cross-field problem reported at `<model path>.<field>` (a model validator's own loc is the model)."""
+    return PydanticCustomError("rloop_field", "{message}", {"field": field, "message": message})
+
+
+def _check_dns_subdomain(v: str, what: str) -> str:
+    if len(v) > 253 or not _DNS_SUBDOMAIN.fullmatch(v):
+        raise ValueError(
+            f"{_short(v)} is not a valid {what} (a DNS subdomain: lowercase letters, digits, '-' and '.', "
+            "at most 253 characters), e.g. 'my-name'"
+        )
+    return v
+
+
+def _check_label_value(v: str, what: str) -> str:
+    if len(v) > 63 or not _LABEL_VALUE.fullmatch(v):
+        raise ValueError(
+            f"{_short(v)} is not a valid {what} (a Kubernetes label value: at most 63 letters, digits, "
+            "'-', '_' or '.', starting and ending with a letter or digit)"
+        )
+    return v
+
+
+def _check_label_key(k: str, what: str) -> str:
+    prefix, _, name = k.rpartition("/")
+    if (prefix and (len(prefix) > 253 or not _DNS_SUBDOMAIN.fullmatch(prefix))) or len(name) > 63 or not _LABEL_NAME.fullmatch(name):
+        raise ValueError(
+            f"{_short(k)} is not a valid {what} (a qualified name such as 'gpu' or 'example.com/gpu-type': "
+            "an optional DNS-subdomain prefix and '/', then at most 63 letters, digits, '-', '_' or '.')"
+        )
+    return k
+
+
+ShortStr = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+"""A name, key or short text."""
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(
         alias_generator=to_camel,
-        populate_by_name=True,
+        # Python code builds models by field name; manifests are validated by alias only (`_validate`).
+        validate_by_name=True,
+        validate_by_alias=True,
         extra="forbid",
         validate_default=True,
         use_attribute_docstrings=True,
+        allow_inf_nan=False,
     )
 
     def to_wire(self) -> dict[str, Any]:
@@ -62,13 +162,14 @@ class TinyModel(_Model):
     """Pairs per warm-up step."""
     warmup_lr: float = Field(1e-3, gt=0, le=1)
     """AdamW learning rate of the warm-up."""
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     """Seed for initialisation and warm-up data."""
 
     @model_validator(mode="after")
     def _heads_divide(self) -> TinyModel:
         if self.hidden_size % self.heads:
-            raise ValueError(
+            raise _field_error(
+                "heads",
                 f"heads ({self.heads}) must divide hiddenSize ({self.hidden_size}); "
                 "pick e.g. heads: 4 with hiddenSize: 128"
             )
@@ -80,18 +181,20 @@ class LoraSpec(_Model):
 
     r: int = Field(16, ge=1, le=1024)
     """Adapter rank."""
-    alpha: int = Field(32, ge=1)
+    alpha: int = Field(32, ge=1, le=65_536)
     """LoRA alpha (scaling = alpha / r)."""
     dropout: float = Field(0.0, ge=0, lt=1)
     """Dropout on the adapter input."""
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    target_modules: list[ShortStr] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1, max_length=64
+    )
     """Module names to adapt (peft `target_modules`)."""
 
 
 class ModelSpec(_Model):
     """The base policy P_0."""
 
-    base: str = Field(..., min_length=1)
+    base: str = Field(..., min_length=1, max_length=4096)
     """`builtin:tiny` for the built-in tiny model (see `tiny`), or a path/URI to a directory saved with
     `save_pretrained` (model + tokenizer), local or in the store (s3://...)."""
     tiny: TinyModel = Field(default_factory=TinyModel)
@@ -121,7 +224,7 @@ class ModelSpec(_Model):
     @classmethod
     def _known_builtin(cls, v: str) -> str:
         if v.startswith("builtin:") and v != "builtin:tiny":
-            raise ValueError(f"unknown built-in model {v!r}; the only built-in is 'builtin:tiny'")
+            raise ValueError(f"unknown built-in model {_short(v)}; the only built-in is 'builtin:tiny'")
         return v
 
 
@@ -135,24 +238,24 @@ class SyntheticSpec(_Model):
     """`heldout` prompts use digit lists disjoint from `train` and from the warm-up data."""
     size: int = Field(256, ge=1, le=50_000)
     """Number of distinct prompts."""
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     """Sampling seed."""
 
 
 class DatasetSpec(_Model):
     """A prompt set: a file (JSONL with prompt/answer, or verl-style parquet) or the synthetic task."""
 
-    path: str | None = None
+    path: str | None = Field(None, min_length=1, max_length=4096)
     """Local path or URI (s3://...) of a `.jsonl` or `.parquet` file."""
     synthetic: SyntheticSpec | None = None
     """Generate the built-in synthetic task instead of reading a file."""
     format: Literal["auto", "jsonl", "parquet"] = "auto"
     """File format; `auto` decides by suffix."""
-    prompt_key: str = "prompt"
+    prompt_key: ShortStr = "prompt"
     """JSONL field holding the prompt."""
-    answer_key: str = "answer"
+    answer_key: ShortStr = "answer"
     """JSONL field holding the ground truth (GSM8K's `#### n` suffix is understood)."""
-    limit: int | None = Field(None, ge=1)
+    limit: int | None = Field(None, ge=1, le=1_000_000_000)
     """Use only the first `limit` rows."""
 
     @model_validator(mode="after")
@@ -165,7 +268,7 @@ class DatasetSpec(_Model):
 class EvalSetSpec(DatasetSpec):
     """A held-out set evaluated after every iteration (and on the base policy)."""
 
-    name: str = Field(..., min_length=1, max_length=40)
+    name: str = Field(..., min_length=1, max_length=40, json_schema_extra=_pattern(_DNS_LABEL.pattern))
     """Name used in the store layout (`eval/<name>/`) and metrics; a DNS label."""
     samples_per_prompt: int = Field(16, ge=1, le=1024)
     """n in avg@n and pass@k."""
@@ -173,8 +276,10 @@ class EvalSetSpec(DatasetSpec):
     @field_validator("name")
     @classmethod
     def _dns(cls, v: str) -> str:
-        if not _DNS_LABEL.match(v):
-            raise ValueError(f"{v!r} is not a DNS label; use lowercase letters, digits and '-' (e.g. 'heldout')")
+        if not _DNS_LABEL.fullmatch(v):
+            raise ValueError(
+                f"{_short(v)} is not a DNS label; use lowercase letters, digits and '-' (e.g. 'heldout')"
+            )
         return v
 
 
@@ -185,14 +290,29 @@ class DataSpec(_Model):
     """Prompts RL trains on."""
     eval: list[EvalSetSpec] = Field(default_factory=list, max_length=16)
     """Held-out sets evaluated on P_0 and after each iteration."""
-    prompt_template: str = "{prompt}"
-    """Python format string applied to every prompt; must contain `{prompt}`."""
+    prompt_template: str = Field("{prompt}", max_length=16_384)
+    """Python format string applied to every prompt; must contain `{prompt}`, its only placeholder
+    (write literal braces as `{{` and `}}`)."""
 
     @field_validator("prompt_template")
     @classmethod
     def _has_placeholder(cls, v: str) -> str:
-        if "{prompt}" not in v:
+        try:
+            fields = [(name, conv, spec) for _, name, spec, conv in string.Formatter().parse(v) if name is not None]
+        except ValueError as err:  # a lone '{' or '}'
+            raise ValueError(
+                f"is not a valid template ({err}): it is filled in with str.format, so write a literal brace "
+                "as '{{' or '}}' and keep '{prompt}' as the only placeholder"
+            ) from None
+        if ("prompt", None, "") not in fields:
             raise ValueError("must contain '{prompt}', e.g. 'Question: {prompt}\\nAnswer:'")
+        stray = sorted({"{" + name + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}"
+                        for name, conv, spec in fields if (name, conv, spec) != ("prompt", None, "")})
+        if stray:
+            raise ValueError(
+                f"has placeholders other than '{{prompt}}': {', '.join(_short(x, 40) for x in stray[:5])}; "
+                "str.format would fail on them. Write literal braces as '{{' and '}}' (e.g. '{{x}}')"
+            )
         return v
 
     @field_validator("eval")
@@ -240,7 +360,7 @@ class RLSpec(_Model):
     """AdamW learning rate."""
     weight_decay: float = Field(0.0, ge=0, le=1)
     """AdamW weight decay."""
-    max_grad_norm: float = Field(1.0, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0, le=10_000)
     """Gradient clipping threshold."""
     clip_low: float = Field(0.2, gt=0, lt=1)
     """PPO ratio clip below 1 (1 - clipLow)."""
@@ -263,20 +383,28 @@ class RLSpec(_Model):
     """With dynamic sampling: at most this many generation rounds per step to collect `promptsPerStep`
     groups with signal (DAPO's max_num_gen_batches); the step trains on what it has after the last.
     Every generated trajectory goes to the pool."""
-    overlong_buffer: int = Field(0, ge=0)
+    overlong_buffer: int = Field(0, ge=0, le=131_072)
     """DAPO soft overlong punishment: length band before the cap where the penalty ramps up (0 = off)."""
-    overlong_penalty: float = Field(1.0, ge=0)
+    overlong_penalty: float = Field(1.0, ge=0, le=1000)
     """Maximum overlong penalty."""
-    stop: list[str] = Field(default_factory=list, max_length=8)
+    stop: list[ShortStr] = Field(default_factory=list, max_length=8)
     """Stop strings ending a response (besides EOS)."""
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     """Seed of prompt order and sampling (the iteration index is added)."""
 
     @model_validator(mode="after")
     def _algorithm_defaults(self) -> RLSpec:
         dapo = self.algorithm == "dapo"
+        explicit = self.clip_high is not None
         if self.clip_high is None:
             self.clip_high = 0.28 if dapo else self.clip_low
+        if self.clip_high < self.clip_low:
+            what = f"clipHigh ({self.clip_high})" if explicit else f"clipHigh (unset: {self.clip_high} for dapo)"
+            raise _field_error(
+                "clipHigh",
+                f"{what} is below clipLow ({self.clip_low}): the ratio clip above 1 may only be wider "
+                f"(clip-higher); set clipHigh >= {self.clip_low}, or leave it unset outside dapo",
+            )
         if self.loss_agg is None:
             self.loss_agg = {"dapo": "token_mean", "dr_grpo": "seq_mean_token_sum_norm"}.get(
                 self.algorithm, "seq_mean_token_mean"
@@ -284,12 +412,14 @@ class RLSpec(_Model):
         if self.dynamic_sampling is None:
             self.dynamic_sampling = dapo
         if self.overlong_buffer >= self.max_response_tokens:
-            raise ValueError(
+            raise _field_error(
+                "overlongBuffer",
                 f"overlongBuffer ({self.overlong_buffer}) must be smaller than maxResponseTokens "
                 f"({self.max_response_tokens}); use e.g. overlongBuffer: {self.max_response_tokens // 4}"
             )
         if self.prompts_per_step * self.samples_per_prompt < self.mini_batches:
-            raise ValueError(
+            raise _field_error(
+                "miniBatches",
                 f"miniBatches ({self.mini_batches}) exceeds the responses per step (promptsPerStep * "
                 f"samplesPerPrompt = {self.prompts_per_step * self.samples_per_prompt}); lower miniBatches"
             )
@@ -302,7 +432,7 @@ class PoolSpec(_Model):
     source: Literal["rollouts", "checkpoints"] = "rollouts"
     """`rollouts`: every trajectory generated during RL (RLoop's default). `checkpoints`: fresh samples
     from checkpoints saved during RL (the paper's variant)."""
-    checkpoint_every: int = Field(20, ge=1)
+    checkpoint_every: int = Field(20, ge=1, le=1_000_000)
     """With source=checkpoints: save a checkpoint every this many RL steps."""
     samples_per_prompt: int = Field(8, ge=1, le=1024)
     """With source=checkpoints: samples per train prompt from each checkpoint."""
@@ -320,7 +450,7 @@ class FilterSpec(_Model):
     include_truncated: bool = False
     """Also keep correct responses that hit the generation cap (finish reason `length`). Off: RFT on
     them would teach the model to stop mid-solution."""
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     """Seed of the choice among candidates when more than maxPerPrompt qualify."""
 
 
@@ -329,7 +459,7 @@ class RFTSpec(_Model):
 
     epochs: int = Field(2, ge=1, le=1000)
     """Passes over the expert set."""
-    max_steps: int | None = Field(None, ge=1)
+    max_steps: int | None = Field(None, ge=1, le=100_000_000)
     """Cap on optimizer steps (after epochs); unset = no cap."""
     lr: float = Field(1e-3, gt=0, le=1)
     """AdamW learning rate."""
@@ -344,18 +474,31 @@ class RFTSpec(_Model):
 class EvalSpec(_Model):
     """Evaluation settings shared by all held-out sets."""
 
-    k_list: list[int] = Field(default_factory=lambda: [1, 4, 8, 16], min_length=1, max_length=16)
-    """k values of pass@k (each must be <= the set's samplesPerPrompt)."""
+    k_list: list[Annotated[int, Field(ge=1, le=1024)]] = Field(
+        default_factory=lambda: [1, 4, 8, 16],
+        min_length=1,
+        max_length=16,
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+    )
+    """k values of pass@k, distinct, each at least 1 and at most every eval set's samplesPerPrompt."""
     temperature: float = Field(1.0, gt=0, le=5)
     """Sampling temperature for evaluation."""
     top_p: float = Field(1.0, gt=0, le=1)
     """Nucleus sampling for evaluation."""
-    max_response_tokens: int | None = Field(None, ge=1)
+    max_response_tokens: int | None = Field(None, ge=1, le=131_072)
     """Generation cap for evaluation; default = loop.rl.maxResponseTokens."""
-    seed: int = Field(1234, ge=0)
+    seed: int = Field(1234, ge=0, le=SEED_MAX)
     """Sampling seed (same for every iteration, so iterations are compared on equal terms)."""
     eval_base: bool = True
     """Also evaluate the base policy P_0 (the reference row of the report)."""
+
+    @field_validator("k_list")
+    @classmethod
+    def _distinct_k(cls, v: list[int]) -> list[int]:
+        dup = sorted({k for k in v if v.count(k) > 1})
+        if dup:
+            raise ValueError(f"lists k={dup} more than once; give each k once, e.g. [1, 4, 8, 16]")
+        return v
 
 
 class LoopSpec(_Model):
@@ -380,14 +523,19 @@ class SecretRef(_Model):
     """A Kubernetes Secret holding S3 credentials (keys AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
     optional AWS_ENDPOINT_URL). Locally the same variables come from the environment."""
 
-    name: str = Field(..., min_length=1)
+    name: str = Field(..., min_length=1, max_length=253, json_schema_extra=_pattern(_DNS_SUBDOMAIN_RE))
     """Secret name in the run's namespace."""
+
+    @field_validator("name")
+    @classmethod
+    def _dns(cls, v: str) -> str:
+        return _check_dns_subdomain(v, "Secret name")
 
 
 class StorageSpec(_Model):
     """Where stages exchange data. Credentials never appear here."""
 
-    uri: str | None = None
+    uri: str | None = Field(None, min_length=1, max_length=4096)
     """Store root: `s3://bucket/prefix` or a local directory. `rloop run --store` overrides it;
     the operator requires it."""
     secret_ref: SecretRef | None = None
@@ -404,37 +552,77 @@ class StorageSpec(_Model):
 class Toleration(_Model):
     """A pod toleration (core/v1 Toleration)."""
 
-    key: str | None = None
+    key: str | None = Field(None, max_length=317)
+    """Taint key (a qualified name); empty with operator Exists matches every taint."""
     operator: Literal["Exists", "Equal"] | None = None
-    value: str | None = None
+    """`Equal` (the default) or `Exists`."""
+    value: str | None = Field(None, max_length=63, json_schema_extra=_pattern(_LABEL_VALUE_RE))
+    """Taint value (a label value)."""
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
-    toleration_seconds: int | None = None
+    """Taint effect to match; unset matches all."""
+    toleration_seconds: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
+    """With effect NoExecute: how long the pod stays bound after the taint appears."""
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, v: str | None) -> str | None:
+        return v if not v else _check_label_key(v, "taint key")
+
+    @field_validator("value")
+    @classmethod
+    def _value(cls, v: str | None) -> str | None:
+        return v if v is None else _check_label_value(v, "taint value")
 
 
 class StageResources(_Model):
     """Pod settings of one stage kind (unset fields fall back to `resources.default`)."""
 
-    image: str | None = None
+    image: str | None = Field(None, min_length=1, max_length=512, json_schema_extra=_pattern(_IMAGE_RE))
     """Container image (the trainer image for rl/rft/rollout/eval)."""
     gpus: int | None = Field(None, ge=0, le=64)
     """`nvidia.com/gpu` request and limit."""
-    cpu: str | None = None
-    """CPU request, e.g. `4` or `500m`."""
-    memory: str | None = None
+    cpu: str | None = Field(None, max_length=64, json_schema_extra=_pattern(_QUANTITY_RE))
+    """CPU request, e.g. `4` or `500m` (a string: quote plain numbers)."""
+    memory: str | None = Field(None, max_length=64, json_schema_extra=_pattern(_QUANTITY_RE))
     """Memory request and limit, e.g. `16Gi`."""
-    node_selector: dict[str, str] | None = None
-    """Pod nodeSelector."""
-    tolerations: list[Toleration] | None = None
+    node_selector: dict[str, Annotated[str, StringConstraints(max_length=63)]] | None = Field(None, max_length=64)
+    """Pod nodeSelector (label keys and values)."""
+    tolerations: list[Toleration] | None = Field(None, max_length=64)
     """Pod tolerations."""
-    priority_class_name: str | None = None
+    priority_class_name: str | None = Field(
+        None, min_length=1, max_length=253, json_schema_extra=_pattern(_DNS_SUBDOMAIN_RE)
+    )
     """Pod priorityClassName."""
+
+    @field_validator("image")
+    @classmethod
+    def _image(cls, v: str | None) -> str | None:
+        if v is not None and not _IMAGE.fullmatch(v):
+            raise ValueError(
+                f"{_short(v)} is not a container image reference; write e.g. 'rloop/trainer:0.1.0' or "
+                "'registry.example.com:5000/team/trainer@sha256:<digest>' (lowercase repository, no spaces)"
+            )
+        return v
 
     @field_validator("cpu", "memory")
     @classmethod
     def _quantity(cls, v: str | None) -> str | None:
-        if v is not None and not re.match(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$", v):
-            raise ValueError(f"{v!r} is not a Kubernetes quantity; write e.g. '4', '500m', '16Gi'")
+        if v is not None and not _QUANTITY.fullmatch(v):
+            raise ValueError(f"{_short(v)} is not a Kubernetes quantity; write e.g. '4', '500m', '16Gi'")
         return v
+
+    @field_validator("node_selector")
+    @classmethod
+    def _selector(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        for key, value in (v or {}).items():
+            _check_label_key(key, "nodeSelector key")
+            _check_label_value(value, f"nodeSelector value (of {_short(key, 60)})")
+        return v
+
+    @field_validator("priority_class_name")
+    @classmethod
+    def _priority(cls, v: str | None) -> str | None:
+        return v if v is None else _check_dns_subdomain(v, "PriorityClass name")
 
 
 class ResourcesSpec(_Model):
@@ -476,27 +664,43 @@ class RLoopRunSpec(_Model):
     """Object store."""
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     """Per-stage pods (operator only)."""
-    queue_name: str | None = None
+    queue_name: str | None = Field(None, min_length=1, max_length=63, json_schema_extra=_pattern(_DNS_SUBDOMAIN_RE))
     """Kueue LocalQueue (sets the `kueue.x-k8s.io/queue-name` label on stage Jobs)."""
     suspend: bool = False
     """Suspend the running stage Job (operator) and start no new one."""
     retry: RetrySpec = Field(default_factory=RetrySpec)
     """Stage retry policy."""
 
+    @field_validator("queue_name")
+    @classmethod
+    def _queue(cls, v: str | None) -> str | None:
+        if v is not None:
+            _check_dns_subdomain(v, "LocalQueue name")
+            _check_label_value(v, "LocalQueue name")
+        return v
+
     @model_validator(mode="after")
     def _cross_field(self) -> RLoopRunSpec:
         for s in self.data.eval:
             too_big = [k for k in self.loop.eval.k_list if k > s.samples_per_prompt]
             if too_big:
-                raise ValueError(
-                    f"loop.eval.kList has k={too_big} but data.eval[{s.name}].samplesPerPrompt is "
-                    f"{s.samples_per_prompt}; raise samplesPerPrompt or drop those k"
+                raise _field_error(
+                    "loop.eval.kList",
+                    f"has k={too_big} but data.eval[{s.name}].samplesPerPrompt is "
+                    f"{s.samples_per_prompt}; raise samplesPerPrompt or drop those k",
                 )
         needs_vocab = self.model.base == "builtin:tiny"
         if needs_vocab and (self.data.train.synthetic is None or self.verifier.name != "subset_sum"):
-            raise ValueError(
+            raise _field_error(
+                "model.base",
                 "model.base 'builtin:tiny' has a character vocabulary for the synthetic task only: use "
                 "data.train.synthetic with verifier.name 'subset_sum', or set model.base to a real model"
+            )
+        size = len(json.dumps(self.to_wire(), separators=(",", ":")))
+        if size > MAX_SPEC_JSON:
+            raise ValueError(
+                f"the resolved spec is {size // 1024} KiB as JSON, more than {MAX_SPEC_JSON // 1024} KiB (stage "
+                "Jobs carry it in an environment variable); shorten the longest strings (promptTemplate, paths)"
             )
         return self
 
@@ -504,17 +708,17 @@ class RLoopRunSpec(_Model):
 class ObjectMeta(_Model):
     """The part of Kubernetes metadata RLoop reads."""
 
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="allow")
+    model_config = ConfigDict(extra="allow")
     name: str = Field(..., min_length=1, max_length=40)
     """Run name (a DNS label; short, because stage Job names are derived from it)."""
-    namespace: str = "default"
+    namespace: str = Field("default", min_length=1, max_length=63)
     """Namespace (also the store prefix)."""
 
     @field_validator("name", "namespace")
     @classmethod
     def _dns(cls, v: str) -> str:
-        if not _DNS_LABEL.match(v):
-            raise ValueError(f"{v!r} is not a DNS label; use lowercase letters, digits and '-'")
+        if not _DNS_LABEL.fullmatch(v):
+            raise ValueError(f"{_short(v)} is not a DNS label; use lowercase letters, digits and '-'")
         return v
 
 
@@ -555,7 +759,7 @@ class StageRecord(_Model):
 class RLoopRunStatus(_Model):
     """Observed state, written by the operator (and mirrored by `rloop status` locally)."""
 
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+    model_config = ConfigDict(extra="ignore")
     observed_generation: int | None = None
     conditions: list[Condition] = Field(default_factory=list)
     iteration: int | None = None
@@ -571,49 +775,393 @@ class RLoopRunStatus(_Model):
 
 
 # ------------------------------------------------------------------------------------ validation
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2066-\u2069\ufeff]")
+
+
+def clean_line(text: str, limit: int = _MAX_LINE) -> str:
+    """One printable line of at most `limit` characters: control, bidi and zero-width characters
+    become spaces, runs of whitespace one space (for messages that reach a terminal, status or Events)."""
+    text = " ".join(_UNPRINTABLE.sub(" ", text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """A user-supplied value for a message: repr, cut to about `limit` characters."""
+    if isinstance(value, str) and len(value) > limit:
+        return f"{value[:limit]!r}... ({len(value)} characters)"
+    text = repr(value)
+    return text if len(text) <= limit + 2 else text[:limit] + "..."
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, int | float):
+        return f"the number {_short(value)}"
+    if isinstance(value, str):
+        return f"the string {_short(value)}"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return f"a {type(value).__name__}"
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+# --- unknown-field suggestions: find the model a loc points into
+def _all_models() -> dict[str, type[BaseModel]]:
+    found: dict[str, type[BaseModel]] = {}
+    todo: list[type[BaseModel]] = [_Model]
+    while todo:
+        cls = todo.pop()
+        found[cls.__name__] = cls
+        todo.extend(cls.__subclasses__())
+    return found
+
+
+def _unwrap(tp: Any) -> Any:
+    while True:
+        origin = typing.get_origin(tp)
+        if origin is Annotated:
+            tp = typing.get_args(tp)[0]
+        elif origin in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            if len(args) != 1:
+                return None
+            tp = args[0]
+        else:
+            return tp
+
+
+def _model_at(root: type[BaseModel] | None, loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    tp: Any = root
+    for part in loc:
+        tp = _unwrap(tp)
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            tp = next((f.annotation for n, f in tp.model_fields.items() if (f.alias or n) == part), None)
+        elif typing.get_origin(tp) is list and isinstance(part, int):
+            tp = typing.get_args(tp)[0]
+        elif typing.get_origin(tp) is dict:
+            tp = typing.get_args(tp)[1]
+        else:
+            return None
+    tp = _unwrap(tp)
+    return tp if isinstance(tp, type) and issubclass(tp, BaseModel) else None
+
+
+def _unknown_field(root: type[BaseModel] | None, loc: tuple[Any, ...]) -> str:
+    key = str(loc[-1]) if loc else ""
+    model = _model_at(root, loc[:-1])
+    fields = [f.alias or n for n, f in model.model_fields.items()] if model else []
+    if "_" in key and to_camel(key) in fields:
+        return (
+            f"unknown field: snake_case is not accepted, write {to_camel(key)} (fields are camelCase, "
+            "as in crds/rlooprun.yaml)"
+        )
+    close = difflib.get_close_matches(key, fields, n=1, cutoff=0.75) if len(key) <= 64 else []
+    if close:
+        return f"unknown field; did you mean {close[0]}? (fields are camelCase, see crds/rlooprun.yaml)"
+    return "unknown field; check the spelling (fields are camelCase) against crds/rlooprun.yaml"
+
+
+def _explain(e: Any, root: type[BaseModel] | None, loc: tuple[Any, ...]) -> str:
+    """The message of one pydantic error, with the fix for the mistakes strict parsing catches."""
+    kind, value = e["type"], e.get("input")
+    msg = e["msg"].removeprefix("Value error, ")
+    if kind == "extra_forbidden":
+        return _unknown_field(root, loc)
+    if kind == "missing":
+        return "required field is missing"
+    if kind in ("int_type", "float_type"):
+        if isinstance(value, str) and _is_number(value.strip()):
+            return f"{msg}, not the string {_short(value)}: write the number without quotes (Kubernetes rejects it)"
+        if kind == "int_type" and isinstance(value, float) and math.isfinite(value):
+            return f"{msg}: {_short(value)} is not a whole number"
+        return f"{msg}, not {_kind(value)}"
+    if kind == "bool_type":
+        return f"{msg}: write true or false without quotes, not {_kind(value)}"
+    if kind == "string_type" and isinstance(value, bool | int | float):
+        shown = str(value).lower() if isinstance(value, bool) else str(value)
+        return f"{msg}, not {_kind(value)}: quote it, e.g. \"{shown}\""
+    if kind in ("dict_type", "model_type", "model_attributes_type"):
+        return f"expected a mapping (key: value), not {_kind(value)}"
+    if kind == "list_type":
+        return f"expected a list, not {_kind(value)}"
+    if kind == "finite_number":
+        return "must be a finite number: .inf and .nan cannot be stored by Kubernetes (JSON)"
+    return msg
+
+
+def _path(prefix: str, loc: tuple[Any, ...]) -> str:
+    parts = [prefix] if prefix else []
+    parts += [clean_line(str(p), 64) for p in loc]
+    return ".".join(parts) or "<root>"
+
+
 def format_validation_error(err: ValidationError, prefix: str = "") -> str:
-    """One line per problem: the camelCase field path, what is wrong, and (from our validators) the fix."""
+    """One line per problem (at most MAX_PROBLEMS): the camelCase field path, what is wrong, and the fix."""
+    root = _all_models().get(err.title)
+    errors = err.errors(include_url=False)
     lines = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if p != "__root__")
-        where = f"{prefix}.{loc}" if prefix and loc else (prefix or loc or "<root>")
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = "unknown field; check the spelling (fields are camelCase) against crds/rlooprun.yaml"
-        elif e["type"] == "missing":
-            msg = "required field is missing"
-        lines.append(f"{where}: {msg}")
+    for e in errors[:MAX_PROBLEMS]:
+        loc = tuple(p for p in e["loc"] if p != "__root__")
+        where = loc
+        if e["type"] == "rloop_field":
+            where = (*loc, (e.get("ctx") or {}).get("field", ""))
+        lines.append(clean_line(f"{_path(prefix, where)}: {_explain(e, root, loc)}"))
+    if len(errors) > MAX_PROBLEMS:
+        lines.append(f"... and {len(errors) - MAX_PROBLEMS} more problems")
     return "\n".join(lines)
+
+
+def document_problems(doc: Any, prefix: str = "") -> list[str]:
+    """What makes a document something the Kubernetes API cannot store, whatever the schema says: nesting
+    deeper than MAX_DEPTH, non-string keys, integers beyond int64, .inf/.nan, strings over MAX_STRING,
+    more than 10,000 entries in one list or mapping, values JSON has no type for (YAML dates, sets, binary).
+
+    Iterative (no recursion), so a hostile document cannot exhaust the stack."""
+    problems: list[str] = []
+    stack: list[tuple[Any, str, int]] = [(doc, prefix, 0)]
+    while stack and len(problems) < MAX_PROBLEMS:
+        node, path, depth = stack.pop()
+        where = path or "<root>"
+        if isinstance(node, dict | list):
+            if depth >= MAX_DEPTH:
+                problems.append(f"{where}: nested deeper than {MAX_DEPTH} levels")
+                continue
+            if len(node) > 10_000:
+                problems.append(f"{where}: {len(node)} entries, more than 10000")
+                continue
+            items = node.items() if isinstance(node, dict) else enumerate(node)
+            children = []
+            for key, value in items:
+                if isinstance(node, dict) and not isinstance(key, str):
+                    problems.append(f"{where}: the key {_short(key)} is not a string; quote it")
+                    continue
+                child = f"{path}.{clean_line(str(key), 64)}" if path else clean_line(str(key), 64)
+                children.append((value, child, depth + 1))
+            stack.extend(reversed(children))
+        elif node is None or isinstance(node, bool):
+            continue
+        elif isinstance(node, int):
+            if not INT64_MIN <= node <= INT64_MAX:
+                problems.append(f"{where}: {_short(node, 30)} is outside the 64-bit integer range Kubernetes stores")
+        elif isinstance(node, float):
+            if not math.isfinite(node):
+                problems.append(f"{where}: must be a finite number: .inf and .nan cannot be stored by Kubernetes (JSON)")
+        elif isinstance(node, str):
+            if len(node) > MAX_STRING:
+                problems.append(f"{where}: a string of {len(node)} characters, more than {MAX_STRING}")
+        else:
+            problems.append(
+                f"{where}: a {type(node).__name__} value (from a YAML tag such as !!binary, !!timestamp or "
+                "!!set) is not JSON data; write a plain string, number or list"
+            )
+    return problems
+
+
+def _check_document(doc: Any, prefix: str) -> None:
+    problems = document_problems(doc, prefix)
+    if problems:
+        raise SpecError("\n".join(clean_line(p) for p in problems))
+
+
+def _validate(model: type[_Model], doc: Any, prefix: str) -> Any:
+    """Strict, by-alias validation: what the Kubernetes API server would accept, and nothing more."""
+    _check_document(doc, prefix)
+    try:
+        return model.model_validate(doc, strict=True, by_alias=True, by_name=False)
+    except ValidationError as err:
+        raise SpecError(format_validation_error(err, prefix=prefix)) from None
 
 
 def parse_run(doc: dict[str, Any]) -> RLoopRun:
     """Validate a manifest dict; raise SpecError naming every bad field."""
     if not isinstance(doc, dict):
-        raise SpecError("the document must be a mapping with apiVersion, kind, metadata and spec")
-    try:
-        return RLoopRun.model_validate(doc)
-    except ValidationError as err:
-        raise SpecError(format_validation_error(err)) from None
+        raise SpecError(
+            f"the document must be a mapping with apiVersion, kind, metadata and spec, not {_kind(doc)}"
+        )
+    return _validate(RLoopRun, doc, "")
 
 
 def parse_spec(spec: dict[str, Any]) -> RLoopRunSpec:
     """Validate only `.spec` (the operator gets metadata from Kubernetes)."""
+    if not isinstance(spec, dict):
+        raise SpecError(f"spec: expected a mapping (key: value), not {_kind(spec)}")
+    return _validate(RLoopRunSpec, spec, "spec")
+
+
+def spec_warnings(spec: RLoopRunSpec) -> list[str]:
+    """Settings a valid spec sets but its mode or model ignores (probably not what the user meant).
+
+    Warnings, not errors: the vanilla-RL baseline is usually the RLoop manifest with `mode: rl`, and
+    the same file must keep working. `rloop validate` and `rloop run` print them."""
+    out = []
+    if spec.mode == "rl":
+        for section in ("pool", "filter", "rft"):
+            if section in spec.loop.model_fields_set:
+                out.append(
+                    f"spec.loop.{section}: ignored in mode rl (only the rl and eval stages run); remove it, "
+                    "or set mode: rloop"
+                )
+    elif spec.loop.pool.source == "rollouts":
+        for field in ("checkpoint_every", "samples_per_prompt"):
+            if field in spec.loop.pool.model_fields_set:
+                out.append(f"spec.loop.pool.{to_camel(field)}: ignored unless loop.pool.source is checkpoints")
+    if spec.model.base != "builtin:tiny" and "tiny" in spec.model.model_fields_set:
+        out.append("spec.model.tiny: ignored unless model.base is 'builtin:tiny'; remove it")
+    return out
+
+
+# ------------------------------------------------------------------------------------ files
+_INT, _FLOAT, _TIMESTAMP = (f"tag:yaml.org,2002:{t}" for t in ("int", "float", "timestamp"))
+
+
+def _manifest_loader(base: type) -> type:
+    """yaml's safe loader (`base`), resolving plain scalars the way kubectl's YAML reader does: `3e-4`
+    is a number (PyYAML's YAML 1.1 wants a dot), dates stay strings, no base-60 numbers (`1:30`)."""
+    loader = type(f"Manifest{base.__name__}", (base,), {})
+    loader.yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag not in (_INT, _FLOAT, _TIMESTAMP)]
+        for first, resolvers in base.yaml_implicit_resolvers.items()
+    }
+    loader.add_implicit_resolver(
+        _INT,
+        re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+        list("-+0123456789"),
+    )
+    loader.add_implicit_resolver(
+        _FLOAT,
+        re.compile(
+            r"^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+"
+            r"|[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+        ),
+        list("-+0123456789."),
+    )
+    return loader
+
+
+_ManifestLoader = _manifest_loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+"""libyaml's parser when PyYAML has it (fast), else the pure-Python one (the checks are the same)."""
+
+
+class _YamlProblem(Exception):
+    def __init__(self, message: str, event: Any):
+        mark = getattr(event, "start_mark", None)
+        super().__init__(f"{message} (line {mark.line + 1})" if mark is not None else message)
+
+
+def _scan_yaml(text: str, loader: type) -> None:
+    """Walk the YAML event stream (no tree is built) and refuse what the loader would turn into a
+    trap: aliases (a few lines of `*a` expand into billions of nodes), duplicate keys (the last one
+    silently wins), nesting deeper than MAX_DEPTH (the loader recurses), more than one document."""
+    frames: list[list[Any]] = []  # [is_mapping, expecting_key, keys seen]
+    documents = 0
+    for event in yaml.parse(text, Loader=loader):
+        if isinstance(event, yaml.DocumentStartEvent):
+            documents += 1
+            if documents > 1:
+                raise _YamlProblem("holds more than one YAML document; put one RLoopRun in a file", event)
+        elif isinstance(event, yaml.AliasEvent):
+            raise _YamlProblem(
+                f"uses the YAML alias *{clean_line(str(event.anchor), 40)}; aliases are not accepted in a "
+                "manifest (they can expand a small file into billions of nodes): write the values out",
+                event,
+            )
+        elif isinstance(event, yaml.ScalarEvent | yaml.MappingStartEvent | yaml.SequenceStartEvent):
+            top = frames[-1] if frames else None
+            if top is not None and top[0] and top[1]:  # a mapping key
+                if not isinstance(event, yaml.ScalarEvent):
+                    raise _YamlProblem("has a mapping key that is a list or mapping; keys must be plain names", event)
+                if event.value in top[2]:
+                    raise _YamlProblem(
+                        f"repeats the key {_short(event.value, 40)} in one mapping (the later value would "
+                        "silently win); keep one",
+                        event,
+                    )
+                top[2].add(event.value)
+                top[1] = False
+                continue
+            if top is not None and top[0]:
+                top[1] = True  # this node is the value; the next node at this level is a key again
+            if not isinstance(event, yaml.ScalarEvent):
+                frames.append([isinstance(event, yaml.MappingStartEvent), True, set()])
+                if len(frames) > MAX_DEPTH:
+                    raise _YamlProblem(f"is nested deeper than {MAX_DEPTH} levels", event)
+        elif isinstance(event, yaml.MappingEndEvent | yaml.SequenceEndEvent):
+            frames.pop()
+
+
+def _yaml_error(err: yaml.YAMLError) -> str:
+    if isinstance(err, yaml.MarkedYAMLError):
+        what = err.problem or err.context or "cannot be parsed"
+        mark = err.problem_mark or err.context_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        return f"{what}{where}"
+    return str(err).split("\n", 1)[0]
+
+
+def load_yaml(text: str, source: str = "<manifest>", *, loader: type | None = None) -> Any:
+    """The single YAML document in `text`, loaded safely (see `_scan_yaml`); SpecError on anything else."""
+    loader = loader or _ManifestLoader
     try:
-        return RLoopRunSpec.model_validate(spec)
-    except ValidationError as err:
-        raise SpecError(format_validation_error(err, prefix="spec")) from None
+        _scan_yaml(text, loader)
+        return yaml.load(text, Loader=loader)  # noqa: S506 (a SafeLoader subclass)
+    except _YamlProblem as err:
+        raise SpecError(clean_line(f"{source}: {err}")) from None
+    except yaml.YAMLError as err:
+        raise SpecError(clean_line(f"{source}: not valid YAML: {_yaml_error(err)}")) from None
+    except (ValueError, OverflowError, RecursionError) as err:
+        if "integer string conversion" in str(err):  # Python refuses int() of more than 4300 digits
+            err = "an integer with thousands of digits (no RLoopRun field holds more than 19)"
+        raise SpecError(clean_line(f"{source}: a value cannot be read: {err}")) from None
+
+
+def read_manifest(path: str | Path) -> Any:
+    """The document in a manifest file: at most MAX_MANIFEST_BYTES, strict UTF-8, one safe YAML document."""
+    p = Path(path)
+    try:
+        with p.open("rb") as f:
+            data = f.read(MAX_MANIFEST_BYTES + 1)
+    except FileNotFoundError:
+        raise SpecError(f"{p}: no such file") from None
+    except IsADirectoryError:
+        raise SpecError(f"{p}: is a directory, not a manifest file") from None
+    except OSError as err:
+        raise SpecError(clean_line(f"{p}: cannot be read: {err.strerror or err}")) from None
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise SpecError(
+            f"{p}: larger than {MAX_MANIFEST_BYTES // 1024} KiB; an RLoopRun manifest is a few KiB of YAML"
+        )
+    try:
+        text = data.removeprefix(b"\xef\xbb\xbf").decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise SpecError(
+            f"{p}: not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}); an RLoopRun "
+            "manifest is a YAML or JSON text file"
+        ) from None
+    if not text.strip():
+        raise SpecError(f"{p}: the file is empty; expected an RLoopRun manifest (apiVersion, kind, metadata, spec)")
+    doc = load_yaml(text, str(p))
+    if doc is None:
+        raise SpecError(
+            f"{p}: the file is empty (no YAML document, only comments); expected an RLoopRun manifest"
+        )
+    return doc
 
 
 def load_run(path: str | Path) -> RLoopRun:
-    """Read an RLoopRun manifest from a YAML file."""
-    p = Path(path)
-    if not p.exists():
-        raise SpecError(f"{p}: no such file")
-    try:
-        doc = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as err:
-        raise SpecError(f"{p}: not valid YAML: {err}") from None
-    return parse_run(doc)
+    """Read an RLoopRun manifest from a YAML (or JSON) file; SpecError for any problem, one per line."""
+    return parse_run(read_manifest(path))
 
 
 # Fields that may change while a run is in flight; everything else would silently mix two experiments.

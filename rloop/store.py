@@ -17,6 +17,12 @@ files except through a validated manifest, so partial output is never trained on
 
 Credentials come only from the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
 AWS_ENDPOINT_URL), which the operator fills from the Secret named in `storage.secretRef`.
+
+Faults: every operation on a remote store retries transient errors (connection refused, timeouts,
+5xx) with capped exponential backoff for `RLOOP_STORE_RETRY_SECONDS` (default 120 s), then raises
+`StoreUnavailable`. A file that a manifest lists but the store does not show is looked for again over
+the same window before it counts as missing. Only proof — a size or sha256 that differs from the
+manifest, an unreadable manifest, a file still missing after the window — makes an artifact corrupt.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -35,6 +42,8 @@ from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+from rloop.contracts import STORE_RETRY_DEFAULT_SECONDS, STORE_RETRY_ENV
 
 MANIFEST = "_COMMIT.json"
 MANIFEST_VERSION = 1
@@ -51,6 +60,22 @@ class CorruptArtifact(StoreError):
 
 class NotCommitted(CorruptArtifact):
     """A stage has no commit manifest yet (never finished, or its manifest was invalidated)."""
+
+
+class MissingArtifact(CorruptArtifact):
+    """A file its manifest lists is not in the store (still missing after the retry window)."""
+
+
+class StoreUnavailable(StoreError):
+    """The store did not answer (or answered with transient errors) through the whole retry window.
+    Nothing is invalidated over it: the stage exits EXIT_STORE_UNAVAILABLE and is retried later."""
+
+
+def retry_window_seconds() -> float:
+    try:
+        return max(0.0, float(os.environ.get(STORE_RETRY_ENV, STORE_RETRY_DEFAULT_SECONDS)))
+    except ValueError:
+        return STORE_RETRY_DEFAULT_SECONDS
 
 
 def _s3_options() -> dict[str, Any]:
@@ -85,7 +110,7 @@ def open_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fsspec.filesystem("file", auto_mkdir=True), path
 
 
-def _explain(err: Exception, uri: str) -> StoreError:
+def _explain(err: Exception, uri: str, remote: bool | None = None) -> StoreError:
     """Turn botocore/s3fs errors into a message that says what to fix."""
     text = f"{type(err).__name__}: {err}"
     # s3fs turns 403s into PermissionError carrying only the server's message (no error code).
@@ -99,6 +124,8 @@ def _explain(err: Exception, uri: str) -> StoreError:
         )
     if "NoSuchBucket" in text or "specified bucket does not exist" in text:
         return StoreError(f"the bucket of {uri} does not exist; create it or fix spec.storage.uri")
+    if uri.startswith("s3://") if remote is None else remote:  # network, timeouts, 5xx: worth another try
+        return StoreUnavailable(f"store {uri}: {text[:300]}")
     return StoreError(f"store {uri}: {text[:300]}")
 
 
@@ -172,27 +199,66 @@ class RunStore:
     def path(self, rel: str) -> str:
         return f"{self.base}/{rel}".rstrip("/")
 
+    def call(self, fn, *args, **kwargs):
+        """fn(*args, **kwargs) on the store, transient errors retried (remote stores) for the retry window.
+        FileNotFoundError passes through untouched; everything else becomes a StoreError."""
+        deadline = time.monotonic() + (0.0 if self.is_local else retry_window_seconds())
+        delay, warned = 0.5, False
+        while True:
+            try:
+                return fn(*args, **kwargs)
+            except FileNotFoundError as err:
+                if "bucket does not exist" in str(err):  # s3fs reports NoSuchBucket as a missing file
+                    raise _explain(err, self.uri, remote=not self.is_local) from None
+                raise
+            except StoreError:
+                raise
+            except Exception as err:  # botocore/aiohttp errors share no useful base class
+                explained = _explain(err, self.uri, remote=not self.is_local)
+                remaining = deadline - time.monotonic()
+                if not isinstance(explained, StoreUnavailable) or remaining <= 0:
+                    if isinstance(explained, StoreUnavailable) and not self.is_local:
+                        explained = StoreUnavailable(f"{explained} (still failing after {retry_window_seconds():.0f}s "
+                                                     f"of retries; {STORE_RETRY_ENV} sets the window)")
+                    raise explained from None
+                if not warned:
+                    print(f"rloop: store {self.uri} unavailable ({str(explained)[:160]}); retrying for up to "
+                          f"{remaining:.0f}s", file=sys.stderr)
+                    warned = True
+                time.sleep(min(delay, remaining))
+                delay = min(delay * 2, 10.0)
+
+    def _look_for(self, fn, *args):
+        """fn(*args) where FileNotFoundError may be an object store's passing 404: looked for again until
+        the retry window closes (remote stores), then FileNotFoundError."""
+        deadline = time.monotonic() + (0.0 if self.is_local else retry_window_seconds())
+        while True:
+            try:
+                return self.call(fn, *args)
+            except FileNotFoundError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(1.0)
+
     def exists(self, rel: str) -> bool:
-        try:
-            return self.fs.exists(self.path(rel))
-        except Exception as err:  # botocore errors are not a common base class
-            raise _explain(err, self.uri) from None
+        return self.call(self.fs.exists, self.path(rel))
+
+    def _read(self, path: str) -> bytes:
+        with self.fs.open(path, "rb") as f:
+            return f.read()
+
+    def _write(self, path: str, data: bytes) -> None:
+        with self.fs.open(path, "wb") as f:
+            f.write(data)
 
     def read_text(self, rel: str) -> str:
-        try:
-            with self.fs.open(self.path(rel), "rb") as f:
-                return f.read().decode()
-        except FileNotFoundError:
-            raise
-        except Exception as err:
-            raise _explain(err, self.uri) from None
+        return self.call(self._read, self.path(rel)).decode()
 
     def write_text(self, rel: str, text: str) -> None:
-        try:
-            with self.fs.open(self.path(rel), "wb") as f:
-                f.write(text.encode())
-        except Exception as err:
-            raise _explain(err, self.uri) from None
+        self.call(self._write, self.path(rel), text.encode())
+
+    def move(self, rel: str, to_rel: str) -> None:
+        self.call(self.fs.mv, self.path(rel), self.path(to_rel))
 
     # ------------------------------------------------------------------------------ spec snapshot
     def write_spec(self, manifest: dict[str, Any]) -> None:
@@ -205,10 +271,13 @@ class RunStore:
             raise StoreError(f"{self.uri}: no spec.json; start the run with `rloop run FILE`") from None
 
     # ------------------------------------------------------------------------------ manifests
-    def read_manifest(self, stage_id: str) -> Manifest:
+    def read_manifest(self, stage_id: str, *, look_again: bool = False) -> Manifest:
+        """The stage's manifest. look_again: a missing manifest is looked for over the retry window
+        (for inputs, which a consumer knows were committed; a planner asks without it)."""
         where = f"{self.uri}/{stage_id}/{MANIFEST}"
         try:
-            text = self.read_text(f"{stage_id}/{MANIFEST}")
+            read = self._look_for if look_again else self.call
+            text = read(self._read, self.path(f"{stage_id}/{MANIFEST}")).decode()
         except FileNotFoundError:
             raise NotCommitted(f"{where}: missing; stage {stage_id} has not committed") from None
         m = Manifest.from_json(text, where)
@@ -216,25 +285,31 @@ class RunStore:
             raise CorruptArtifact(f"{where}: manifest is for stage {m.stage!r}, not {stage_id!r}")
         return m
 
-    def validate(self, stage_id: str, *, deep: bool = True) -> Manifest:
-        """The stage's manifest if every file matches it (size always, sha256 when deep)."""
-        m = self.read_manifest(stage_id)
+    def validate(self, stage_id: str, *, deep: bool = True, look_again: bool = False) -> Manifest:
+        """The stage's manifest if every file matches it (size always, sha256 when deep).
+
+        Transient store errors are retried (StoreUnavailable when they persist); a listed file is
+        looked for again over the retry window before it is MissingArtifact."""
+        m = self.read_manifest(stage_id, look_again=look_again)
         for f in m.files:
             p = self.path(f"{stage_id}/{f.path}")
             try:
-                size = self.fs.size(p)
+                size = self._look_for(self.fs.size, p)
             except FileNotFoundError:
-                raise CorruptArtifact(f"{self.uri}/{stage_id}/{f.path}: listed in {MANIFEST} but missing") from None
+                raise MissingArtifact(f"{self.uri}/{stage_id}/{f.path}: listed in {MANIFEST} but missing") from None
             if size != f.size:
                 raise CorruptArtifact(
                     f"{self.uri}/{stage_id}/{f.path}: size {size} != {f.size} in {MANIFEST} (truncated or rewritten)"
                 )
             if deep:
-                with self.fs.open(p, "rb") as fh:
-                    digest = _sha256_stream(fh)
+                digest = self.call(self._sha256, p)
                 if digest != f.sha256:
                     raise CorruptArtifact(f"{self.uri}/{stage_id}/{f.path}: sha256 mismatch with {MANIFEST} (corrupt)")
         return m
+
+    def _sha256(self, path: str) -> str:
+        with self.fs.open(path, "rb") as fh:
+            return _sha256_stream(fh)
 
     def is_committed(self, stage_id: str, *, deep: bool = False) -> bool:
         try:
@@ -246,11 +321,9 @@ class RunStore:
     def committed(self, candidates: list[str] | None = None) -> set[str]:
         """Ids of committed stages (manifest present and sizes match)."""
         try:
-            found = self.fs.glob(f"{self.base}/**/{MANIFEST}")
+            found = self.call(self.fs.glob, f"{self.base}/**/{MANIFEST}")
         except FileNotFoundError:
             return set()
-        except Exception as err:
-            raise _explain(err, self.uri) from None
         ids = {p.removeprefix(self.base + "/").rsplit("/", 1)[0] for p in found}
         if candidates is not None:
             ids &= set(candidates)
@@ -261,11 +334,8 @@ class RunStore:
     def stage_writer(self, stage_id: str) -> Iterator[StageWriter]:
         """Start a fresh attempt: wipe partial output, yield a writer; commit happens via `commit()`."""
         d = self.path(stage_id)
-        try:
-            if self.fs.exists(d):
-                self.fs.rm(d, recursive=True)
-        except Exception as err:
-            raise _explain(err, self.uri) from None
+        if self.call(self.fs.exists, d):
+            self.call(self.fs.rm, d, recursive=True)
         yield StageWriter(self, stage_id)
 
     # ------------------------------------------------------------------------------ reading
@@ -286,18 +356,25 @@ class RunStore:
             for f in entries:
                 target = tmp / f.path[len(prefix) :]
                 target.parent.mkdir(parents=True, exist_ok=True)
-                self.fs.get(self.path(f"{stage_id}/{f.path}"), str(target))
+                self.call(self.fs.get, self.path(f"{stage_id}/{f.path}"), str(target))
             (tmp / ".complete").write_text("")
             shutil.rmtree(dest, ignore_errors=True)
             tmp.rename(dest)
         return dest
 
-    def open_verified(self, stage_id: str, rel: str, manifest: Manifest | None = None):
-        """Open one committed file for reading, after checking it against the manifest."""
+    def read_verified(self, stage_id: str, rel: str, manifest: Manifest | None = None) -> bytes:
+        """The bytes of one committed file, checked against the manifest (size and sha256)."""
         m = manifest or self.validate(stage_id, deep=True)
-        if rel not in {f.path for f in m.files}:
+        entry = next((f for f in m.files if f.path == rel), None)
+        if entry is None:
             raise CorruptArtifact(f"{self.uri}/{stage_id}: {rel} is not in its commit manifest")
-        return self.fs.open(self.path(f"{stage_id}/{rel}"), "rb")
+        try:
+            data = self._look_for(self._read, self.path(f"{stage_id}/{rel}"))
+        except FileNotFoundError:
+            raise MissingArtifact(f"{self.uri}/{stage_id}/{rel}: listed in {MANIFEST} but missing") from None
+        if len(data) != entry.size or hashlib.sha256(data).hexdigest() != entry.sha256:
+            raise CorruptArtifact(f"{self.uri}/{stage_id}/{rel}: differs from {MANIFEST} (corrupt)")
+        return data
 
 
 class StageWriter:
@@ -308,11 +385,7 @@ class StageWriter:
         self.files: dict[str, FileEntry] = {}
 
     def put_bytes(self, rel: str, data: bytes) -> None:
-        try:
-            with self.store.fs.open(self.store.path(f"{self.stage_id}/{rel}"), "wb") as f:
-                f.write(data)
-        except Exception as err:
-            raise _explain(err, self.store.uri) from None
+        self.store.call(self.store._write, self.store.path(f"{self.stage_id}/{rel}"), data)
         self.files[rel] = FileEntry(rel, len(data), hashlib.sha256(data).hexdigest())
 
     def put_json(self, rel: str, obj: Any) -> None:
@@ -322,10 +395,7 @@ class StageWriter:
         local = Path(local)
         with open(local, "rb") as fh:
             digest = _sha256_stream(fh)
-        try:
-            self.store.fs.put_file(str(local), self.store.path(f"{self.stage_id}/{rel}"))
-        except Exception as err:
-            raise _explain(err, self.store.uri) from None
+        self.store.call(self.store.fs.put_file, str(local), self.store.path(f"{self.stage_id}/{rel}"))
         self.files[rel] = FileEntry(rel, local.stat().st_size, digest)
 
     def put_dir(self, rel: str, local_dir: str | Path) -> None:

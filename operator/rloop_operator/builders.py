@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from rloop.contracts import EXIT_INVALID_INPUT
 from rloop.plan import Stage
 from rloop.spec import API_GROUP, API_VERSION, KIND, RLoopRunSpec, StageResources
-from rloop.stages.common import EXIT_INVALID_INPUT
 from rloop_operator.naming import (
     ANNOTATION_SUSPENDED,
     LABEL_KUEUE_QUEUE,

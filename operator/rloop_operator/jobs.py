@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+from rloop.contracts import ERROR_CORRUPT_INPUT, ERROR_INVALID_INPUT, ERROR_STORE_UNAVAILABLE
 from rloop.plan import STAGE_KINDS, Stage
+from rloop.spec import clean_line
 from rloop_operator.naming import (
     ANNOTATION_SUSPENDED,
     LABEL_KUEUE_QUEUE,
@@ -21,12 +23,17 @@ from rloop_operator.naming import (
 )
 
 JobState = Literal["Pending", "Running", "Succeeded", "Failed"]
-FailureKind = Literal["invalid", "corrupt", "other"]
+FailureKind = Literal["invalid", "corrupt", "unavailable", "other"]
 
 POD_FAILURE_POLICY_REASON = "PodFailurePolicy"
 """Job condition reason when a podFailurePolicy FailJob rule fired; our only such rule is exit code 2."""
 DETAIL_MAX = 300
 """Failure details go into status messages; the whole log tail stays with the pod."""
+MESSAGE_MAX = 4096
+"""Kubernetes keeps at most 4096 bytes of a container's termination message; longer text did not come
+from a kubelet and is cut here, before anything parses it."""
+SUMMARY_DEPTH = 4
+"""A stage summary is a flat JSON object (pass_at_k is one level down); deeper documents are not summaries."""
 
 
 @dataclass(frozen=True)
@@ -83,14 +90,32 @@ def format_time(dt: datetime) -> str:
 def parse_termination_message(text: Any) -> dict[str, Any] | None:
     """The stage summary a pod left as its termination message; None unless it is a JSON object.
 
-    With FallbackToLogsOnError a crashed pod's message is its log tail, which is not JSON."""
-    if not isinstance(text, str) or not text.strip():
+    With FallbackToLogsOnError a crashed pod's message is its log tail, which is not JSON. Bounded: text
+    over MESSAGE_MAX, nesting deeper than SUMMARY_DEPTH (json recurses) and non-objects are no summary;
+    integers beyond int64 become floats (inf when huge), which no float conversion downstream trips on."""
+    if not isinstance(text, str) or not text.strip() or len(text) > MESSAGE_MAX:
         return None
     try:
-        doc = json.loads(text)
-    except ValueError:
+        doc = json.loads(text, parse_int=_json_int)
+    except (ValueError, RecursionError):
         return None
-    return doc if isinstance(doc, dict) else None
+    return doc if isinstance(doc, dict) and _depth(doc) <= SUMMARY_DEPTH else None
+
+
+def _json_int(text: str) -> int | float:
+    value = int(text)
+    return value if -(2**63) <= value < 2**63 else float(text)
+
+
+def _depth(doc: Any) -> int:
+    """Nesting depth of a JSON value (a scalar is 0), without recursion."""
+    deepest, todo = 0, [(doc, 0)]
+    while todo:
+        node, depth = todo.pop()
+        if isinstance(node, dict | list):
+            deepest = max(deepest, depth + 1)
+            todo.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return deepest
 
 
 def stage_order(stage: Stage) -> tuple[int, int, str]:
@@ -121,10 +146,12 @@ def _last_line(text: str) -> str:
 def _failure(status: dict[str, Any], summary: dict[str, Any] | None, raw: Any) -> tuple[FailureKind, str]:
     failed = _condition(status, "Failed") or {}
     error = summary.get("error") if summary else None
-    if error == "InvalidInput" or failed.get("reason") == POD_FAILURE_POLICY_REASON:
+    if error == ERROR_INVALID_INPUT or failed.get("reason") == POD_FAILURE_POLICY_REASON:
         kind: FailureKind = "invalid"
-    elif error == "CorruptInput":
+    elif error == ERROR_CORRUPT_INPUT:
         kind = "corrupt"
+    elif error == ERROR_STORE_UNAVAILABLE:
+        kind = "unavailable"
     else:
         kind = "other"
     if summary and isinstance(summary.get("message"), str) and summary["message"].strip():
@@ -133,8 +160,8 @@ def _failure(status: dict[str, Any], summary: dict[str, Any] | None, raw: Any) -
         detail = _last_line(raw)
     else:
         detail = str(failed.get("message") or failed.get("reason") or "the pod failed (no message)")
-    detail = " ".join(detail.split())  # one line: it ends up in condition messages and events
-    return kind, detail[:DETAIL_MAX]
+    # One printable line (no control or bidi characters): it ends up in condition messages and Events.
+    return kind, clean_line(detail, DETAIL_MAX)
 
 
 def view_job(job: dict[str, Any], message: Any = None) -> JobView | None:
@@ -240,5 +267,5 @@ def termination_messages(pods: list[dict[str, Any]], container: str) -> dict[str
                 continue
             started = str(terminated.get("startedAt") or status.get("startTime") or "")
             if job not in found or started >= found[job][0]:
-                found[job] = (started, str(terminated.get("message") or ""))
+                found[job] = (started, str(terminated.get("message") or "")[:MESSAGE_MAX])
     return {job: message for job, (_, message) in found.items()}

@@ -32,6 +32,11 @@ HISTORY_LIMIT = 20
 """Stage attempts kept in status.history; the Jobs themselves (and the store) keep everything."""
 MAX_BACKOFF_SECONDS = 6 * 3600
 """Cap of the doubling retry delay (unless retry.backoffSeconds itself is larger)."""
+STORE_UNAVAILABLE_LIMIT = 20
+"""Attempts in a row that may end "store unavailable" (each after the stage's own retry window) before
+the run fails; they do not count against retry.limit, since the stage itself did nothing wrong."""
+STORE_UNAVAILABLE_BACKOFF_SECONDS = 60.0
+"""Fixed delay before the next attempt after a "store unavailable" exit."""
 FINISHED = "Finished"
 STAGE_STARTED = "StageStarted"
 EVENT_MESSAGE_MAX = 1000
@@ -161,9 +166,26 @@ def _decide(name: str, spec: RLoopRunSpec, stage: Stage, views: list[JobView], n
             message=f"stage {stage.id} rejected its input (Job {latest.name}): {latest.detail}; "
             "retrying cannot help: fix the spec or the data",
         )
-    failures = 0  # in a row, since the stage last succeeded
+    failures = unavailable = 0  # in a row, since the stage last succeeded; outages counted apart
     for v in views:
-        failures = failures + 1 if v.state == "Failed" else 0
+        if v.state != "Failed":
+            failures = unavailable = 0
+        elif v.failure == "unavailable":
+            unavailable += 1
+        else:
+            failures, unavailable = failures + 1, 0
+    if latest.failure == "unavailable":
+        if unavailable > STORE_UNAVAILABLE_LIMIT:
+            return _Decision(
+                stage, "failed", latest.name, latest.attempt, reason="StoreUnavailable",
+                message=f"stage {stage.id}: the store stayed unavailable through {unavailable} attempts; "
+                f"last Job {latest.name}: {latest.detail}",
+            )
+        due = (latest.finished_at or now) + timedelta(seconds=STORE_UNAVAILABLE_BACKOFF_SECONDS)
+        if due <= now:
+            return _Decision(stage, "create", job_name(name, stage, nxt), nxt)
+        return _Decision(stage, "waiting", job_name(name, stage, nxt), nxt, due=due, reason="StoreUnavailable",
+                         message=str(latest.detail or ""))
     if failures > spec.retry.limit:
         return _Decision(
             stage,
@@ -478,10 +500,15 @@ def reconcile(obs: Observed, *, default_image: str) -> Actions:
             waiting = [d for d in decisions if d.kind == "waiting"]
             parts = [f"running {', '.join(running)}"] if running else []
             parts += [
-                f"{d.stage.id} failed; attempt {d.attempt} (Job {d.job}) starts at {format_time(d.due)}"
+                f"{d.stage.id} " + ("could not reach the store" if d.reason == "StoreUnavailable" else "failed")
+                + f"; attempt {d.attempt} (Job {d.job}) starts at {format_time(d.due)}"
+                + (f" ({d.message[:200]})" if d.message else "")
                 for d in waiting
             ]
-            progressing = ("StageRunning" if running else "RetryBackoff", "; ".join([*parts, progress]))
+            reason = "StageRunning" if running else "RetryBackoff"
+            if not running and waiting and all(d.reason == "StoreUnavailable" for d in waiting):
+                reason = "StoreUnavailable"
+            progressing = (reason, "; ".join([*parts, progress]))
             if waiting:
                 actions.requeue_after = max(min((d.due - now).total_seconds() for d in waiting), 0.0)
 

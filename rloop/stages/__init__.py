@@ -1,8 +1,12 @@
 """Stage entry point: `rloop stage <kind> --run URI [--iteration K] [--set NAME]`.
 
 Every stage reads committed inputs, writes its directory, and commits a manifest last. The exit code
-is the contract with the executors (see rloop.stages.common: 0 ok, 2 invalid input, 75 corrupt
-input invalidated, anything else retryable).
+is the contract with the executors (rloop.contracts: 0 ok, 2 invalid input, 69 store unavailable,
+75 corrupt input invalidated, anything else retryable).
+
+A stage whose own commit manifest already validates (sizes and sha256) exits 0 at once with the
+committed summary: an executor that lost track of it (a deleted Job, a restarted runner) never makes
+it wipe and redo work that later stages may already have consumed.
 """
 
 from __future__ import annotations
@@ -14,16 +18,19 @@ import sys
 import time
 import traceback
 
-from rloop.plan import Stage
-from rloop.stages.common import (
+from rloop.contracts import (
+    ERROR_CORRUPT_INPUT,
+    ERROR_INVALID_INPUT,
+    ERROR_STORE,
+    ERROR_STORE_UNAVAILABLE,
     EXIT_CORRUPT_INPUT,
     EXIT_INVALID_INPUT,
     EXIT_OK,
-    InputError,
-    StageContext,
-    write_termination_message,
+    EXIT_STORE_UNAVAILABLE,
 )
-from rloop.store import CorruptArtifact, NotCommitted, StoreError
+from rloop.plan import Stage
+from rloop.stages.common import InputError, StageContext, write_termination_message
+from rloop.store import CorruptArtifact, NotCommitted, StoreError, StoreUnavailable
 
 
 def _quiet_libraries() -> None:
@@ -39,20 +46,30 @@ def run_stage(run_uri: str, stage: Stage) -> int:
     _quiet_libraries()
     try:
         ctx = StageContext.open(run_uri, stage)
+        done = _already_committed(ctx)
+        if done is not None:
+            summary = {**done, "already_committed": True}
+            write_termination_message({"stage": stage.id, **summary})
+            print(f"rloop stage {stage.id}: already committed, nothing to do", file=sys.stderr)
+            return EXIT_OK
         module = importlib.import_module(f"rloop.stages.{stage.kind}")
         summary = module.run(ctx)
     except InputError as err:
         print(f"rloop stage {stage.id}: invalid input: {err}", file=sys.stderr)
-        write_termination_message({"stage": stage.id, "error": "InvalidInput", "message": str(err)[:1500]})
+        write_termination_message({"stage": stage.id, "error": ERROR_INVALID_INPUT, "message": str(err)[:1500]})
         return EXIT_INVALID_INPUT
+    except StoreUnavailable as err:
+        print(f"rloop stage {stage.id}: store unavailable, nothing was invalidated: {err}", file=sys.stderr)
+        write_termination_message({"stage": stage.id, "error": ERROR_STORE_UNAVAILABLE, "message": str(err)[:1500]})
+        return EXIT_STORE_UNAVAILABLE
     except CorruptArtifact as err:
         what = "input not committed yet" if isinstance(err, NotCommitted) else "corrupt input, invalidated for re-run"
         print(f"rloop stage {stage.id}: {what}: {err}", file=sys.stderr)
-        write_termination_message({"stage": stage.id, "error": "CorruptInput", "message": str(err)[:1500]})
+        write_termination_message({"stage": stage.id, "error": ERROR_CORRUPT_INPUT, "message": str(err)[:1500]})
         return EXIT_CORRUPT_INPUT
     except StoreError as err:
         print(f"rloop stage {stage.id}: store error: {err}", file=sys.stderr)
-        write_termination_message({"stage": stage.id, "error": "StoreError", "message": str(err)[:1500]})
+        write_termination_message({"stage": stage.id, "error": ERROR_STORE, "message": str(err)[:1500]})
         return 1
     except KeyboardInterrupt:
         print(f"rloop stage {stage.id}: interrupted; nothing was committed", file=sys.stderr)
@@ -65,6 +82,15 @@ def run_stage(run_uri: str, stage: Stage) -> int:
     print(f"rloop stage {stage.id}: committed in {summary['seconds']:.1f}s {json.dumps(_brief(summary))}",
           file=sys.stderr)
     return EXIT_OK
+
+
+def _already_committed(ctx: StageContext) -> dict | None:
+    """The committed summary when this stage's own output validates in full, else None (then a new
+    attempt starts from scratch, as before)."""
+    try:
+        return ctx.store.validate(ctx.stage.id, deep=True).summary
+    except CorruptArtifact:
+        return None
 
 
 def _brief(summary: dict) -> dict:

@@ -12,16 +12,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# Exit codes: the contract with both executors lives in rloop.contracts (re-exported for the stages).
+from rloop.contracts import (  # noqa: F401  (re-exported for the stages)
+    EXIT_CORRUPT_INPUT,
+    EXIT_INVALID_INPUT,
+    EXIT_OK,
+    EXIT_STORE_UNAVAILABLE,
+)
 from rloop.plan import Stage
 from rloop.prompts import PromptFormat, PromptFormatError
 from rloop.spec import DatasetSpec, RLoopRun, SpecError, parse_run
-from rloop.store import CorruptArtifact, RunStore
-
-# Exit codes: a contract with both executors (the operator maps them onto podFailurePolicy).
-EXIT_OK = 0
-EXIT_INVALID_INPUT = 2  # bad spec, data or arguments: retrying cannot help, fail the run
-EXIT_CORRUPT_INPUT = 75  # an input artifact failed its manifest; it was invalidated, so a retry re-plans
-# anything else (1 from an uncaught exception, 137 from OOM-kill, ...) is retryable
+from rloop.store import CorruptArtifact, MissingArtifact, NotCommitted, RunStore
 
 
 class InputError(ValueError):
@@ -56,15 +57,23 @@ class StageContext:
 
     # ------------------------------------------------------------------------------ inputs
     def input_manifest(self, stage_id: str):
-        """Deep-validate an input stage. A corrupt input is invalidated (its manifest moved aside) so the
-        planner re-runs its producer; this stage then exits with EXIT_CORRUPT_INPUT."""
+        """Deep-validate an input stage. Only a proven corrupt input — a size or sha256 that differs from
+        its manifest, an unreadable manifest, a listed file still missing after the store's retry window
+        — is invalidated (its manifest moved aside) so the planner re-runs its producer; this stage then
+        exits with EXIT_CORRUPT_INPUT. Transient store errors are retried inside `validate` and end as
+        StoreUnavailable (EXIT_STORE_UNAVAILABLE), which invalidates nothing."""
         try:
-            return self.store.validate(stage_id, deep=True)
+            return self.store.validate(stage_id, deep=True, look_again=True)
+        except NotCommitted:
+            raise  # nothing to invalidate
         except CorruptArtifact:
-            mpath = f"{stage_id}/_COMMIT.json"
-            if self.store.exists(mpath):
-                self.store.fs.mv(self.store.path(mpath), self.store.path(mpath + ".corrupt"))
+            self._invalidate(stage_id)
             raise
+
+    def _invalidate(self, stage_id: str) -> None:
+        mpath = f"{stage_id}/_COMMIT.json"
+        if self.store.exists(mpath):
+            self.store.move(mpath, mpath + ".corrupt")
 
     def policy_dir(self, policy_path: str) -> Path:
         """Local directory of a committed policy (`iter-000/rft/policy` style path)."""
@@ -74,14 +83,19 @@ class StageContext:
     def read_parquet(self, stage_id: str, rel: str) -> list[dict[str, Any]]:
         import pyarrow.parquet as pq
 
-        m = self.input_manifest(stage_id)
-        with self.store.open_verified(stage_id, rel, m) as f:
-            return pq.read_table(io.BytesIO(f.read())).to_pylist()
+        return pq.read_table(io.BytesIO(self.read_input(stage_id, rel))).to_pylist()
 
     def read_json(self, stage_id: str, rel: str) -> Any:
+        return json.loads(self.read_input(stage_id, rel))
+
+    def read_input(self, stage_id: str, rel: str) -> bytes:
+        """One file of a committed input, verified against its manifest (invalidated if it is corrupt)."""
         m = self.input_manifest(stage_id)
-        with self.store.open_verified(stage_id, rel, m) as f:
-            return json.loads(f.read())
+        try:
+            return self.store.read_verified(stage_id, rel, m)
+        except (CorruptArtifact, MissingArtifact):
+            self._invalidate(stage_id)
+            raise
 
     def prompt_format(self, tokenizer) -> PromptFormat:
         """How this run turns an example into prompt text and ids (`rloop.prompts`)."""

@@ -27,7 +27,7 @@ import yaml
 from rloop.plan import Stage, all_stages, plan
 from rloop.spec import parse_run
 from rloop.store import MANIFEST, RunStore
-from tests.helpers import small_doc
+from tests.helpers import base_env, small_doc
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -40,22 +40,6 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def write_doc(doc: dict, path: Path) -> Path:
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
-
-
-def base_env(cache: Path) -> dict[str, str]:
-    """Quiet, single-threaded, offline subprocesses with no ambient S3 settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_", "RLOOP_"))}
-    env.update(
-        OMP_NUM_THREADS="1",
-        MKL_NUM_THREADS="1",
-        TOKENIZERS_PARALLELISM="false",
-        TQDM_DISABLE="1",
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_VERBOSITY="error",
-        PYTHONUNBUFFERED="1",
-        RLOOP_CACHE=str(cache),
-    )
-    return env
 
 
 def rloop(*args: str, env: dict[str, str], timeout: float = RUN_TIMEOUT_S) -> subprocess.CompletedProcess:
@@ -361,6 +345,11 @@ def test_corrupt_policy_is_invalidated_and_rerun(full_runs, work, store_root, en
     weights.write_bytes(bytes(data))
 
     uri = str(run_dir)
+    # A committed stage exits 0 without reading anything: the corrupt policy is found by a consumer that
+    # still has to run, so take the eval's commit away as if it had never finished.
+    proc = rloop("stage", "eval", "--run", uri, "--iteration", "0", "--set", "heldout", env=env)
+    assert proc.returncode == 0 and "already committed" in proc.stderr, explain(proc)
+    (run_dir / "iter-000/eval/heldout" / MANIFEST).unlink()
     proc = rloop("stage", "eval", "--run", uri, "--iteration", "0", "--set", "heldout", env=env)
     assert proc.returncode == 75, explain(proc)
     assert "corrupt input" in proc.stderr and "model.safetensors" in proc.stderr
@@ -375,14 +364,13 @@ def test_corrupt_policy_is_invalidated_and_rerun(full_runs, work, store_root, en
 
     proc = rloop("run", cfg, "--store", store_root, "--no-report", env=env)
     assert proc.returncode == 0, explain(proc)
-    assert started(proc) == ["iter-000/rft"] and "1 stages run now" in proc.stdout
+    rerun = ["iter-000/rft", "iter-000/eval/heldout"]
+    assert started(proc) == rerun and "2 stages run now" in proc.stdout
     after = manifests(run_dir)
     assert set(after) == set(before)
     old, new = json.loads(before["iter-000/rft"]), json.loads(after["iter-000/rft"])
     assert new["created"] > old["created"]
-    assert {k: v for k, v in after.items() if k != "iter-000/rft"} == {
-        k: v for k, v in before.items() if k != "iter-000/rft"
-    }
+    assert {k: v for k, v in after.items() if k not in rerun} == {k: v for k, v in before.items() if k not in rerun}
     for sid in after:
         store.validate(sid, deep=True)
 

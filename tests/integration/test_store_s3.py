@@ -88,8 +88,7 @@ def test_write_commit_validate_and_download(s3env, tmp_path):
         "policy/shards/model-0.bin",
         "policy/shards/model-1.bin",
     }
-    with store.open_verified("base/init", "stats.json") as f:
-        assert f.read() == b'{"ok": true}'
+    assert store.read_verified("base/init", "stats.json") == b'{"ok": true}'
 
     local = store.local_dir("base/init", "policy")
     cache = tmp_path / "cache"

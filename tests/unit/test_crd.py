@@ -164,7 +164,11 @@ def test_field_conversions(schema: dict[str, Any]) -> None:
     }
     # dict[str, str]
     selector = spec["resources"]["properties"]["default"]["properties"]["nodeSelector"]
-    assert selector["type"] == "object" and selector["additionalProperties"] == {"type": "string"}
+    assert selector["type"] == "object" and selector["additionalProperties"] == {
+        "type": "string",
+        "maxLength": 63,
+    }
+    assert selector["maxProperties"] == 64
     # defaults live in the descriptions, docstrings are kept
     assert rl["steps"]["description"].endswith("(default: 60)")
     assert (
@@ -172,6 +176,38 @@ def test_field_conversions(schema: dict[str, Any]) -> None:
     )
     assert spec["data"]["properties"]["eval"]["maxItems"] == 16
     assert spec["data"]["properties"]["eval"]["items"]["properties"]["name"]["maxLength"] == 40
+
+
+def test_every_spec_value_is_bounded(schema: dict[str, Any]) -> None:
+    """The API server enforces the sizes `rloop validate` enforces: every string, list, map and integer
+    of the spec has a bound (integers within int64), so a hostile manifest is refused at admission."""
+    problems = []
+    for path, node in _nodes(schema["properties"]["spec"], "spec"):
+        kind = node.get("type")
+        if kind == "string" and "maxLength" not in node and "enum" not in node:
+            problems.append(f"{path}: string without maxLength")
+        if kind == "integer":
+            if "minimum" not in node or "maximum" not in node:
+                problems.append(f"{path}: integer without minimum and maximum")
+            elif node["minimum"] < -(2**63) or node["maximum"] > 2**63 - 1:
+                problems.append(f"{path}: integer bounds beyond int64")
+        if kind == "array" and "maxItems" not in node:
+            problems.append(f"{path}: array without maxItems")
+        if kind == "object" and "additionalProperties" in node and "maxProperties" not in node:
+            problems.append(f"{path}: map without maxProperties")
+    assert not problems, "\n".join(problems)
+
+
+def test_schema_carries_the_spec_checks_the_api_server_can_run(schema: dict[str, Any]) -> None:
+    spec = schema["properties"]["spec"]["properties"]
+    k_list = spec["loop"]["properties"]["eval"]["properties"]["kList"]
+    assert k_list["x-kubernetes-list-type"] == "set"  # duplicates rejected at admission
+    assert (k_list["items"]["minimum"], k_list["items"]["maximum"]) == (1, 1024)
+    default = spec["resources"]["properties"]["default"]["properties"]
+    assert default["memory"]["pattern"].startswith("^[0-9]+")
+    assert default["priorityClassName"]["maxLength"] == 253 and "pattern" in default["priorityClassName"]
+    assert spec["storage"]["properties"]["secretRef"]["properties"]["name"]["pattern"].startswith("^[a-z0-9]")
+    assert spec["data"]["properties"]["promptTemplate"]["maxLength"] == 16_384
 
 
 def test_immutable_fields(schema: dict[str, Any]) -> None:

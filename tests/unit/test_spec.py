@@ -107,7 +107,7 @@ def test_k_larger_than_samples_per_prompt() -> None:
 
 def test_overlong_buffer_not_below_max_response_tokens() -> None:
     msg = error(doc({"loop": {"rl": {"maxResponseTokens": 16, "overlongBuffer": 16}}}))
-    assert msg.startswith("spec.loop.rl:")
+    assert msg.startswith("spec.loop.rl.overlongBuffer:")
     assert "overlongBuffer (16)" in msg and "maxResponseTokens (16)" in msg
     assert "overlongBuffer: 4" in msg
 
@@ -120,7 +120,7 @@ def test_float16_is_rejected_with_the_fix() -> None:
 
 def test_mini_batches_beyond_the_responses_per_step() -> None:
     msg = error(doc({"loop": {"rl": {"promptsPerStep": 2, "samplesPerPrompt": 2, "miniBatches": 8}}}))
-    assert msg.startswith("spec.loop.rl:") and "miniBatches (8)" in msg and "= 4" in msg
+    assert msg.startswith("spec.loop.rl.miniBatches:") and "miniBatches (8)" in msg and "= 4" in msg
 
 
 def test_update_knobs_have_on_policy_defaults() -> None:
@@ -210,7 +210,7 @@ def test_missing_model() -> None:
 
 def test_heads_must_divide_hidden_size() -> None:
     msg = error(doc({"model": {"tiny": {"hiddenSize": 130, "heads": 4}}}))
-    assert msg.startswith("spec.model.tiny:") and "hiddenSize" in msg
+    assert msg.startswith("spec.model.tiny.heads:") and "hiddenSize" in msg
 
 
 def test_prompt_template_needs_placeholder() -> None:
@@ -312,5 +312,192 @@ def test_load_run_invalid_manifest(tmp_path: Path) -> None:
 def test_empty_yaml_file(tmp_path: Path) -> None:
     path = tmp_path / "empty.yaml"
     path.write_text("")
-    with pytest.raises(SpecError, match="must be a mapping"):
+    with pytest.raises(SpecError, match="the file is empty"):
         load_run(path)
+
+
+# ----------------------------------------------------------------------- strict, like the API server
+def test_python_code_still_builds_models_by_field_name() -> None:
+    from rloop.spec import FilterSpec, RLSpec, TinyModel
+
+    assert RLSpec(prompts_per_step=4, samples_per_prompt=2).prompts_per_step == 4
+    assert TinyModel(hidden_size=32, layers=2, heads=2).hidden_size == 32
+    assert FilterSpec(max_pass_rate=1).max_pass_rate == 1.0  # an int where a float goes
+
+
+def test_manifests_are_read_by_camel_case_name_only() -> None:
+    msg = error(doc({"loop": {"rl": {"prompts_per_step": 4}}}))
+    assert msg.startswith("spec.loop.rl.prompts_per_step: unknown field")
+    assert "write promptsPerStep" in msg
+
+
+def test_a_typo_gets_a_suggestion() -> None:
+    assert "did you mean samplesPerPrompt?" in error(doc({"loop": {"rl": {"samplesPerPromt": 4}}}))
+
+
+@pytest.mark.parametrize(
+    "patch, field, hint",
+    [
+        ({"loop": {"rl": {"lr": "3e-4"}}}, "spec.loop.rl.lr", "without quotes"),
+        ({"loop": {"rl": {"steps": "4"}}}, "spec.loop.rl.steps", "without quotes"),
+        ({"suspend": "yes"}, "spec.suspend", "true or false"),
+        ({"loop": {"eval": {"evalBase": 0}}}, "spec.loop.eval.evalBase", "true or false"),
+        ({"loop": {"iterations": 2.0}}, "spec.loop.iterations", "not a whole number"),
+        ({"queueName": 7}, "spec.queueName", "quote it"),
+        ({"loop": {"rl": {"seed": 2**63}}}, "spec.loop.rl.seed", "64-bit"),
+        ({"loop": {"rl": {"lr": float("nan")}}}, "spec.loop.rl.lr", "finite"),
+    ],
+)
+def test_strict_types(patch: dict[str, Any], field: str, hint: str) -> None:
+    msg = error(doc(patch))
+    assert msg.startswith(f"{field}:") and hint in msg
+
+
+def test_a_float_field_takes_an_int() -> None:
+    assert make({"loop": {"rl": {"lr": 1, "temperature": 2}}}).spec.loop.rl.lr == 1.0
+
+
+def test_int64_bounds() -> None:
+    tol = {"key": "k", "operator": "Exists", "effect": "NoExecute"}
+    ok = make({"resources": {"default": {"tolerations": [tol | {"tolerationSeconds": 2**63 - 1}]}}})
+    assert ok.spec.resources.default.tolerations[0].toleration_seconds == 2**63 - 1
+    msg = error(doc({"resources": {"default": {"tolerations": [tol | {"tolerationSeconds": -(2**63) - 1}]}}}))
+    assert "tolerations.0.tolerationSeconds" in msg
+
+
+@pytest.mark.parametrize(
+    "template, ok",
+    [("Q: {prompt}\nA:", True), ("{{json}} {prompt}", True), ("{prompt} }", False), ("{question} {prompt}", False),
+     ("{prompt!r}", False), ("{prompt:>999999999}", False), ("{{prompt}}", False), ("{prompt} {0}", False)],
+)
+def test_prompt_template_placeholders(template: str, ok: bool) -> None:
+    if ok:
+        assert make({"data": {"promptTemplate": template}}).spec.data.prompt_template.format(prompt="p")
+    else:
+        assert error(doc({"data": {"promptTemplate": template}})).startswith("spec.data.promptTemplate:")
+
+
+def test_clip_high_below_clip_low() -> None:
+    msg = error(doc({"loop": {"rl": {"clipLow": 0.2, "clipHigh": 0.1}}}))
+    assert msg.startswith("spec.loop.rl.clipHigh:") and "clipLow (0.2)" in msg and ">= 0.2" in msg
+    assert make({"loop": {"rl": {"clipLow": 0.2, "clipHigh": 0.2}}}).spec.loop.rl.clip_high == 0.2
+
+
+@pytest.mark.parametrize("k_list, field", [([0, 1], "kList.0"), ([1, -4], "kList.1"), ([1, 2, 2], "kList:")])
+def test_k_list_entries(k_list: list[int], field: str) -> None:
+    assert f"spec.loop.eval.{field}" in error(doc({"loop": {"eval": {"kList": k_list}}}))
+
+
+def test_kubernetes_names_are_checked() -> None:
+    assert error(doc({"storage": {"secretRef": {"name": "S3_Creds"}}})).startswith("spec.storage.secretRef.name:")
+    assert error(doc({"queueName": "a" * 64})).startswith("spec.queueName:")
+    msg = error(doc({"resources": {"rl": {"nodeSelector": {"example.com/gpu": "a b"}}}}))
+    assert msg.startswith("spec.resources.rl.nodeSelector:") and "nodeSelector value" in msg
+    assert error(doc({"resources": {"rl": {"image": "rloop trainer"}}})).startswith("spec.resources.rl.image:")
+
+
+@pytest.mark.parametrize(
+    "image",
+    ["rloop/trainer:0.1.0", "localhost:5000/a/b", "ghcr.io/org/x:v1", "busybox", "r.example.com/a@sha256:" + "0" * 64,
+     "[::1]:5000/a:latest", "Registry.Example.com/team/img:TAG"],
+)
+def test_good_images(image: str) -> None:
+    assert make({"resources": {"default": {"image": image}}}).spec.resources.default.image == image
+
+
+def test_many_problems_are_capped() -> None:
+    from rloop.spec import MAX_PROBLEMS
+
+    msg = error(doc({"loop": {"rl": {f"bogus{i}": 1 for i in range(50)}}}))
+    lines = msg.splitlines()
+    assert len(lines) == MAX_PROBLEMS + 1 and lines[-1] == f"... and {50 - MAX_PROBLEMS} more problems"
+
+
+def test_messages_are_printable_single_lines() -> None:
+    from rloop.spec import clean_line
+
+    assert clean_line("a\x1b[31mred\x00\u202eevil\nnext\tline") == "a [31mred evil next line"
+    assert len(clean_line("x" * 1000, 50)) == 50
+    msg = error(doc({"loop": {"rl": {"bad\x1b]0;pwned\x07key": 1}}}))
+    assert "\x1b" not in msg and "\x07" not in msg
+
+
+# -------------------------------------------------------------------------------------- YAML reading
+@pytest.mark.parametrize(
+    "text, value",
+    [("3e-4", 3e-4), ("1e3", 1000.0), ("1.5", 1.5), (".5", 0.5), ("010", 8), ("0x10", 16), ("1_000", 1000),
+     ("2024-01-01", "2024-01-01"), ("1:30", "1:30"), ("yes", True), ("~", None), ("'3e-4'", "3e-4")],
+)
+def test_scalars_resolve_as_kubectl_reads_them(text: str, value: Any) -> None:
+    from rloop.spec import load_yaml
+
+    assert load_yaml(f"a: {text}\n") == {"a": value}
+
+
+def test_unquoted_exponent_numbers_are_numbers_in_a_manifest(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "metadata: {name: demo}\nspec:\n  model: {base: 'builtin:tiny'}\n  data: {train: {synthetic: {}}}\n"
+        "  loop: {rl: {lr: 3e-4}}\n"
+    )
+    assert load_run(path).spec.loop.rl.lr == 3e-4
+
+
+@pytest.mark.parametrize(
+    "text, problem",
+    [("a: &x 1\nb: *x\n", "alias *x"), ("a: 1\na: 2\n", "repeats the key 'a'"), ("a: 1\n---\nb: 2\n", "more than one"),
+     ("? [a]\n: 1\n", "key that is a list"), ("a: " + "[" * 40 + "]" * 40 + "\n", "nested deeper than 32"),
+     ("a: !!python/name:os.system\n", "could not determine a constructor")],
+)
+def test_yaml_traps_are_refused(text: str, problem: str) -> None:
+    from rloop.spec import load_yaml
+
+    with pytest.raises(SpecError, match="^<manifest>: ") as info:
+        load_yaml(text)
+    assert problem in str(info.value) and "\n" not in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------ warnings
+def test_settings_the_mode_ignores_are_warned_about() -> None:
+    from rloop.spec import spec_warnings
+
+    spec = make({"mode": "rl", "loop": {"rft": {"epochs": 3}, "filter": {"dedup": False}}}).spec
+    assert [w.split(":")[0] for w in spec_warnings(spec)] == ["spec.loop.filter", "spec.loop.rft"]
+    assert spec_warnings(make().spec) == [] and spec_warnings(make({"mode": "rl"}).spec) == []
+    pool = make({"loop": {"pool": {"checkpointEvery": 5}}}).spec
+    assert spec_warnings(pool) == ["spec.loop.pool.checkpointEvery: ignored unless loop.pool.source is checkpoints"]
+
+
+def test_shipped_examples_give_no_warnings() -> None:
+    from rloop.spec import spec_warnings
+
+    for path in sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml")):
+        assert spec_warnings(load_run(path).spec) == [], path.name
+
+
+def test_validate_prints_warnings_and_succeeds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    from rloop.cli import main
+
+    path = tmp_path / "rl.yaml"
+    path.write_text(yaml.safe_dump(doc({"mode": "rl", "loop": {"rft": {"epochs": 3}}})))
+    assert main(["validate", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == (
+        "rloop: warning: spec.loop.rft: ignored in mode rl (only the rl and eval stages run); remove it, "
+        "or set mode: rloop\n"
+    )
+    assert '"mode": "rl"' in captured.out
+
+
+@pytest.mark.parametrize(
+    "patch, field",
+    [
+        ({"data": {"eval": [{"name": "heldout\n", "synthetic": {}}]}}, "spec.data.eval.0.name"),
+        ({"resources": {"rl": {"memory": "16Gi\n"}}}, "spec.resources.rl.memory"),
+        ({"storage": {"secretRef": {"name": "s3\n"}}}, "spec.storage.secretRef.name"),
+    ],
+)
+def test_a_trailing_newline_is_not_part_of_a_name(patch: dict[str, Any], field: str) -> None:
+    assert error(doc(patch)).startswith(f"{field}:")

@@ -101,7 +101,7 @@ def test_flipped_byte_same_size_is_caught_only_by_deep_validation(store):
     assert "stats.json" not in str(exc.value)
     # readers validate deeply by default
     with pytest.raises(CorruptArtifact, match="expert.parquet"):
-        store.open_verified("iter-000/verify", "stats.json")
+        store.read_verified("iter-000/verify", "stats.json")
 
 
 def test_manifest_for_another_stage_is_rejected(store):
@@ -208,17 +208,20 @@ def test_local_dir_returns_the_stage_directory_for_local_stores(store, tmp_path)
         store.local_dir("iter-000/rl", "checkpoints/step-9")
 
 
-def test_open_verified_reads_listed_files_and_refuses_others(store):
+def test_read_verified_reads_listed_files_and_refuses_others(store):
     _commit(store, "iter-000/rl", {"metrics.jsonl": b'{"step": 1}\n'})
-    with store.open_verified("iter-000/rl", "metrics.jsonl") as f:
-        assert f.read() == b'{"step": 1}\n'
+    assert store.read_verified("iter-000/rl", "metrics.jsonl") == b'{"step": 1}\n'
 
     # a file that exists on disk but was never committed
     _file(store, "iter-000/rl", "extra.txt").write_bytes(b"sneaky")
     with pytest.raises(CorruptArtifact, match="extra.txt is not in its commit manifest"):
-        store.open_verified("iter-000/rl", "extra.txt")
+        store.read_verified("iter-000/rl", "extra.txt")
     with pytest.raises(CorruptArtifact, match="has not committed"):
-        store.open_verified("iter-000/rft", "metrics.jsonl")
+        store.read_verified("iter-000/rft", "metrics.jsonl")
+    # same size, other bytes: caught on read
+    _file(store, "iter-000/rl", "metrics.jsonl").write_bytes(b'{"step": 2}\n')
+    with pytest.raises(CorruptArtifact, match="corrupt"):
+        store.read_verified("iter-000/rl", "metrics.jsonl")
 
 
 # --------------------------------------------------------------------------- URIs and spec

@@ -7,10 +7,10 @@ import copy
 import json
 from typing import Any
 
+from rloop.contracts import EXIT_INVALID_INPUT
 from rloop.plan import Stage, all_stages
 from rloop.runner import stage_command
 from rloop.spec import parse_run, parse_spec
-from rloop.stages.common import EXIT_INVALID_INPUT
 from rloop_operator.builders import build_job, resume_patch, stage_resources, suspend_patch
 from rloop_operator.naming import ANNOTATION_SUSPENDED, LABEL_KUEUE_QUEUE, job_labels
 

@@ -260,6 +260,41 @@ def test_failures_past_the_retry_limit_fail_the_run_naming_the_job():
     assert again.events == [] and not again.status_changed
 
 
+def _unavailable(stage: Stage, attempt: int) -> str:
+    return json.dumps({"stage": stage.id, "error": "StoreUnavailable",
+                       "message": f"store s3://bucket/runs: EndpointConnectionError (attempt {attempt})"})
+
+
+def test_store_outages_are_retried_on_their_own_budget_with_the_reason_in_status():
+    """Exit 69 (store unavailable) does not use up retry.limit (2 here): 5 outages in a row still retry,
+    and Progressing says why."""
+    jobs = [failed(INIT, i, at=-1000 + 100 * i) for i in range(4)] + [failed(INIT, 4, at=-10)]
+    messages = {name(INIT, i): _unavailable(INIT, i) for i in range(5)}
+    a = run(jobs, messages=messages)
+    assert cond(a, "Failed") == ("False", "Running")
+    assert cond(a, "Progressing") == ("True", "StoreUnavailable")
+    progressing = get_condition(a.status["conditions"], "Progressing")["message"]
+    assert "could not reach the store" in progressing and "EndpointConnectionError (attempt 4)" in progressing
+    assert a.create_jobs == [] and a.requeue_after == pytest.approx(50.0)  # fixed 60 s after the outage
+    # once the fixed backoff has passed, the next attempt starts
+    later = run(jobs, messages=messages, now=NOW + timedelta(seconds=120))
+    assert created(later) == ["tiny-b-init-a5"]
+
+
+def test_an_outage_does_not_hide_earlier_failures_and_a_long_one_fails_the_run():
+    from rloop_operator.reconcile import STORE_UNAVAILABLE_LIMIT
+
+    n = STORE_UNAVAILABLE_LIMIT + 1
+    jobs = [failed(INIT, i, at=-10_000 + 100 * i) for i in range(n)]
+    a = run(jobs, messages={name(INIT, i): _unavailable(INIT, i) for i in range(n)})
+    assert cond(a, "Failed") == ("True", "StoreUnavailable")
+    assert f"unavailable through {n} attempts" in get_condition(a.status["conditions"], "Failed")["message"]
+    # an ordinary failure after an outage counts against retry.limit as usual
+    mixed = [failed(INIT, 0, at=-900), failed(INIT, 1, at=-800), failed(INIT, 2, at=-700), failed(INIT, 3, at=-600)]
+    b = run(mixed, messages={name(INIT, 1): _unavailable(INIT, 1)})
+    assert cond(b, "Failed") == ("True", "StageFailed")  # 3 ordinary failures > limit 2
+
+
 def test_raising_the_retry_limit_revives_a_failed_run():
     jobs = [failed(INIT, 0, at=-500), failed(INIT, 1, at=-300), failed(INIT, 2, at=-121)]
     assert cond(run(jobs), "Failed") == ("True", "StageFailed")
