@@ -756,6 +756,18 @@ class StageRecord(_Model):
     message: str | None = None
 
 
+class CommitRecord(_Model):
+    """Evidence that a stage committed, kept in the status so that a deleted or expired Job never makes
+    the operator plan the stage again."""
+
+    job: str
+    """The Job whose success committed it."""
+    time: str | None = None
+    """When that Job finished (RFC 3339)."""
+    digest: str | None = None
+    """sha256 of the stage's commit manifest, as the stage reported it."""
+
+
 class RLoopRunStatus(_Model):
     """Observed state, written by the operator (and mirrored by `rloop status` locally)."""
 
@@ -772,6 +784,8 @@ class RLoopRunStatus(_Model):
     """Latest figures: trainReward, evalAvgAtN, evalPassAtK (largest k)."""
     artifacts: dict[str, str] = Field(default_factory=dict)
     """Artifact URIs, e.g. latestPolicy."""
+    committed: dict[str, CommitRecord] = Field(default_factory=dict)
+    """Stage id → how it committed: the record of progress, whether or not its Job still exists."""
 
 
 # ------------------------------------------------------------------------------------ validation

@@ -6,7 +6,9 @@ skipped or run after an operator restart with the same result, and nothing is re
 - A stage is *committed* when one of its Jobs succeeded: a stage exits 0 only after writing its
   commit manifest, so the Job's success is the operator's evidence (it never reads the store). When a
   later stage fails with "corrupt input" naming it (exit 75: the stage moved that manifest aside), it
-  takes one more success to count as committed again, so the producer is re-run.
+  takes one more success to count as committed again, so the producer is re-run. Each commit is also
+  recorded in `status.committed` (Job, time, manifest digest): Jobs are deleted by users, TTL policies
+  and restores, the record stays, so a committed stage is never planned again for want of its Job.
 - `rloop.plan.plan(spec, committed)` says which stages are ready; for each, its Jobs say whether to
   wait, create attempt 0, retry after backoff (attempt n+1, a new Job), or give up.
 - The status (conditions, stage, history, metrics, artifacts) is rebuilt from the same facts;
@@ -129,16 +131,62 @@ def _blamed(spec: RLoopRunSpec, view: JobView) -> list[str]:
     return [d.id for d in deps if f"/{d.id}/" in text]
 
 
-def committed_stages(spec: RLoopRunSpec, views: list[JobView]) -> set[str]:
-    """Stages with more succeeded Jobs than corrupt-input failures that blamed them."""
+def committed_stages(spec: RLoopRunSpec, views: list[JobView],
+                     recorded: dict[str, dict[str, Any]] | None = None) -> set[str]:
+    """Stages with more succeeded Jobs than corrupt-input failures that blamed them, and stages the status
+    recorded as committed that no corrupt-input failure blamed since (their Jobs may be gone)."""
     successes: dict[str, int] = {}
     blames: dict[str, int] = {}
+    blamed_at: dict[str, list[datetime | None]] = {}
     for v in views:
         if v.state == "Succeeded":
             successes[v.stage.id] = successes.get(v.stage.id, 0) + 1
         for dep in _blamed(spec, v):
             blames[dep] = blames.get(dep, 0) + 1
-    return {sid for sid, n in successes.items() if n > blames.get(sid, 0)}
+            blamed_at.setdefault(dep, []).append(v.finished_at)
+    done = {sid for sid, n in successes.items() if n > blames.get(sid, 0)}
+    for sid, record in (recorded or {}).items():
+        if sid in done or sid in successes:  # its Jobs are here: they decide, as above
+            continue
+        at = parse_time(record.get("time"))
+        if not any(b is None or at is None or b >= at for b in blamed_at.get(sid, [])):
+            done.add(sid)
+    return done
+
+
+def _old_metrics(old: dict[str, Any]) -> dict[str, float]:
+    raw = old.get("metrics")
+    if not isinstance(raw, dict):
+        return {}
+    return {k: float(v) for k, v in raw.items() if isinstance(k, str) and _number(v) is not None}
+
+
+def _recorded(old: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """status.committed of the last pass, entries that are well-formed."""
+    raw = old.get("committed")
+    if not isinstance(raw, dict):
+        return {}
+    return {k: v for k, v in raw.items() if isinstance(k, str) and isinstance(v, dict) and isinstance(v.get("job"), str)}
+
+
+def commit_records(committed: set[str], views: list[JobView], old: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """status.committed for the committed stages: the latest succeeded Job's evidence, else the old record."""
+    out: dict[str, Any] = {}
+    latest: dict[str, JobView] = {}
+    for v in views:
+        if v.state == "Succeeded" and (v.stage.id not in latest or v.attempt > latest[v.stage.id].attempt):
+            latest[v.stage.id] = v
+    for sid in sorted(committed):
+        v = latest.get(sid)
+        if v is not None:
+            digest = (v.summary or {}).get("manifest_sha256")
+            record = {"job": v.name, "time": v.end_time or v.start_time or v.created}
+            if isinstance(digest, str):
+                record["digest"] = digest[:64]
+            out[sid] = {k: val for k, val in record.items() if val is not None}
+        elif sid in old:
+            out[sid] = old[sid]
+    return out
 
 
 def retry_delay(spec: RLoopRunSpec, failures: int) -> float:
@@ -450,7 +498,8 @@ def reconcile(obs: Observed, *, default_image: str) -> Actions:
         return _finish(old, new, views, [], Actions())
 
     by_stage = _by_stage(views)
-    committed = committed_stages(spec, views)
+    recorded = _recorded(old)
+    committed = committed_stages(spec, views, recorded)
     p = plan(spec, committed)
     decisions = [_decide(obs.name, spec, s, by_stage.get(s.id, []), now) for s in p.ready]
     failed = [d for d in decisions if d.kind == "failed"]
@@ -518,7 +567,9 @@ def reconcile(obs: Observed, *, default_image: str) -> Actions:
         "iteration": iteration,
         "stage": stage_id,
         "history": _history(views, created),
-        "metrics": run_metrics(spec, views),
+        # Figures of stages whose Jobs are gone stay as last reported.
+        "metrics": {**_old_metrics(old), **run_metrics(spec, views)},
         "artifacts": run_artifacts(spec, run_uri, committed),
+        "committed": commit_records(committed, views, recorded),
     }
     return _finish(old, new, views, created, actions)

@@ -48,7 +48,7 @@ def run_stage(run_uri: str, stage: Stage) -> int:
         ctx = StageContext.open(run_uri, stage)
         done = _already_committed(ctx)
         if done is not None:
-            summary = {**done, "already_committed": True}
+            summary = {**done, "already_committed": True, "manifest_sha256": _manifest_digest(ctx)}
             write_termination_message({"stage": stage.id, **summary})
             print(f"rloop stage {stage.id}: already committed, nothing to do", file=sys.stderr)
             return EXIT_OK
@@ -77,7 +77,8 @@ def run_stage(run_uri: str, stage: Stage) -> int:
     except Exception:
         traceback.print_exc()
         return 1
-    summary = {"stage": stage.id, "seconds": round(time.time() - t0, 3), **summary}
+    summary = {"stage": stage.id, "seconds": round(time.time() - t0, 3), **summary,
+               "manifest_sha256": _manifest_digest(ctx)}
     write_termination_message(summary)
     print(f"rloop stage {stage.id}: committed in {summary['seconds']:.1f}s {json.dumps(_brief(summary))}",
           file=sys.stderr)
@@ -93,6 +94,16 @@ def _already_committed(ctx: StageContext) -> dict | None:
         return None
 
 
+def _manifest_digest(ctx: StageContext) -> str | None:
+    """sha256 of the stage's commit manifest (the operator records it in the run's status)."""
+    import hashlib
+
+    try:
+        return hashlib.sha256(ctx.store.read_manifest(ctx.stage.id).to_json().encode()).hexdigest()
+    except StoreError:
+        return None
+
+
 def _brief(summary: dict) -> dict:
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items()
-            if isinstance(v, int | float | str) and k not in ("stage", "seconds")}
+            if isinstance(v, int | float | str) and k not in ("stage", "seconds", "manifest_sha256")}

@@ -4,6 +4,7 @@ SeaweedFS outage test is tests/integration/test_store_faults.py."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -122,5 +123,7 @@ def test_a_committed_stage_exits_0_without_touching_its_output(run_store, tmp_pa
     # the pool is not even a parquet file: running the stage for real would fail
     assert run_stage(run_store.uri, Stage("verify", 0)) == EXIT_OK
     assert run_store.validate("iter-000/verify") == before
-    assert json.loads(message.read_text()) == {"stage": "iter-000/verify", "expert_trajectories": 1,
-                                               "already_committed": True}
+    reported = json.loads(message.read_text())
+    digest = hashlib.sha256(before.to_json().encode()).hexdigest()
+    assert reported == {"stage": "iter-000/verify", "expert_trajectories": 1, "already_committed": True,
+                        "manifest_sha256": digest}

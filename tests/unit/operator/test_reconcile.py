@@ -357,6 +357,36 @@ def test_jobs_of_other_runs_or_owners_are_ignored():
     assert created(a) == ["tiny-b-init-a0"] and len(a.status["history"]) == 1
 
 
+def test_deleted_jobs_never_replan_committed_stages():
+    """`kubectl delete jobs --all`, a TTL policy or a restore with new UIDs: the status's commit records
+    are the record of progress, so nothing committed is planned again and the run carries on."""
+    done = [succeeded(INIT, 0, at=-300), succeeded(BASE_EVAL, 0, at=-200), succeeded(RL0, 0, at=-100)]
+    digest = {name(RL0): json.dumps({"stage": RL0.id, "train_reward_last10pct": 0.5, "manifest_sha256": "ab" * 32})}
+    a = run(done, messages=digest)
+    assert created(a) == ["tiny-i0-verify-a0"]
+    assert set(a.status["committed"]) == {"base/init", "base/eval/heldout", "iter-000/rl"}
+    assert a.status["committed"]["iter-000/rl"] == {"job": name(RL0), "time": ts(-100), "digest": "ab" * 32}
+    assert a.status["metrics"]["trainReward"] == 0.5
+    # every Job deleted (the verify Job never got to exist either)
+    b = run([], a.status)
+    assert created(b) == ["tiny-i0-verify-a0"]  # not base/init again
+    assert b.status["committed"] == a.status["committed"] and b.status["metrics"]["trainReward"] == 0.5
+    assert [h["stage"] for h in b.status["history"]] == ["iter-000/verify"]  # old attempts went with their Jobs
+    # Jobs of a deleted run of the same name (another owner UID) are no evidence either way
+    stale = succeeded(VERIFY0)
+    stale["metadata"]["ownerReferences"][0]["uid"] = "uid-of-a-deleted-run"
+    assert created(run([stale], a.status)) == ["tiny-i0-verify-a0"]
+
+
+def test_a_recorded_commit_blamed_later_is_made_again():
+    done = [succeeded(INIT, 0, at=-300), succeeded(BASE_EVAL, 0, at=-200), succeeded(RL0, 0, at=-100)]
+    a = run(done)
+    corrupt = json.dumps({"error": "CorruptInput", "message": f"s3://bucket/runs/team-a/tiny/{RL0.id}/pool/x: sha256"})
+    b = run([failed(VERIFY0, 0, at=-10)], a.status, messages={name(VERIFY0): corrupt})  # rl's Job is gone
+    assert "iter-000/rl" not in b.status["committed"]
+    assert created(b) == ["tiny-i0-rl-a0"]  # the name is free again: its Job was deleted
+
+
 # ------------------------------------------------------------------------------------------ spec
 @pytest.mark.parametrize(
     ("spec", "field"),
