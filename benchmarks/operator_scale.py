@@ -254,6 +254,9 @@ def main() -> None:
     last = rows[-1]
     ok = last["p50_ms"] < 1000 and last["rss_mb"] < 300
     print(f"\ntargets at N={last['n']} (p50 < 1000 ms, peak RSS < 300 MB): {'met' if ok else 'NOT met'}")
+    print(f"RESULT n={last['n']} p50_ms={last['p50_ms']:.0f} p95_ms={last['p95_ms']:.0f} "
+          f"req_per_transition={last['req_per_transition']:.1f} rss_mb={last['rss_mb']:.0f} "
+          f"rss_ratio_vs_kopf={last['rss_mb'] / last['peer_rss_mb']:.2f} targets_met={int(ok)}")
 
 
 if __name__ == "__main__":
