@@ -95,6 +95,32 @@ def _field_error(field: str, message: str) -> PydanticCustomError:
     return PydanticCustomError("rloop_field", "{message}", {"field": field, "message": message})
 
 
+_URI_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def _no_credentials_in_uri(v: str | None, fix: str) -> str | None:
+    """Reject user:secret@ in a URI field. An AWS secret key may contain '/', so the userinfo does not
+    end at the first '/': an '@' in the authority, a ':' in an s3:// authority (bucket names have none),
+    or a ':' in any authority followed later by an '@' is taken for credentials. The value itself is
+    never echoed back."""
+    if not v:
+        return v
+    m = _URI_SCHEME.match(v)
+    if m is None:
+        return v  # a local path
+    rest = v[m.end():]
+    authority = rest.split("/", 1)[0]
+    if "@" in authority or (":" in authority and "@" in rest):
+        raise ValueError(f"must not embed credentials (user:secret@ in the URI); {fix}")
+    if ":" in authority and m.group(1).lower() == "s3":
+        raise ValueError("an s3:// URI starts with a bucket name, not host:port or user:secret; set the endpoint "
+                         "in AWS_ENDPOINT_URL and credentials in the Secret named by storage.secretRef")
+    return v
+
+
+_SECRET_FIX = "put them in the Secret named by storage.secretRef (or use IRSA / Workload Identity)"
+
+
 def _check_dns_subdomain(v: str, what: str) -> str:
     if len(v) > 253 or not _DNS_SUBDOMAIN.fullmatch(v):
         raise ValueError(
@@ -225,7 +251,7 @@ class ModelSpec(_Model):
     def _known_builtin(cls, v: str) -> str:
         if v.startswith("builtin:") and v != "builtin:tiny":
             raise ValueError(f"unknown built-in model {_short(v)}; the only built-in is 'builtin:tiny'")
-        return v
+        return _no_credentials_in_uri(v, _SECRET_FIX)
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -257,6 +283,11 @@ class DatasetSpec(_Model):
     """JSONL field holding the ground truth (GSM8K's `#### n` suffix is understood)."""
     limit: int | None = Field(None, ge=1, le=1_000_000_000)
     """Use only the first `limit` rows."""
+
+    @field_validator("path")
+    @classmethod
+    def _no_credentials(cls, v: str | None) -> str | None:
+        return _no_credentials_in_uri(v, _SECRET_FIX)
 
     @model_validator(mode="after")
     def _one_source(self) -> DatasetSpec:
@@ -544,9 +575,7 @@ class StorageSpec(_Model):
     @field_validator("uri")
     @classmethod
     def _no_inline_credentials(cls, v: str | None) -> str | None:
-        if v and re.match(r"^[a-z0-9]+://[^/]*@", v):
-            raise ValueError("must not embed credentials; put them in the Secret named by storage.secretRef")
-        return v
+        return _no_credentials_in_uri(v, _SECRET_FIX)
 
 
 class Toleration(_Model):

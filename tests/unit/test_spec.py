@@ -174,6 +174,34 @@ def test_storage_uri_with_credentials() -> None:
     assert "credentials" in msg and "storage.secretRef" in msg
 
 
+def _real_model_doc(**spec: Any) -> dict[str, Any]:
+    base = {"model": {"base": "/models/x"}, "verifier": {"name": "math"},
+            "data": {"train": {"path": "/data/train.jsonl"}}}
+    return {"apiVersion": "rloop.dev/v1alpha1", "kind": "RLoopRun", "metadata": {"name": "demo"},
+            "spec": deep_merge(base, spec)}
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        ({"storage": {"uri": "s3://AKIAEXAMPLE:wJalr/XUtnFEMI/K7MDENG@bucket/runs"}}, "spec.storage.uri"),
+        ({"model": {"base": "s3://AKIAEXAMPLE:wJalr@models/smollm2"}}, "spec.model.base"),
+        ({"data": {"eval": [{"name": "heldout", "path": "https://user:wJalr@example.com/test.jsonl"}]}},
+         "spec.data.eval.0.path"),
+    ],
+)
+def test_credentials_are_rejected_in_every_uri_field_and_never_echoed(spec, field) -> None:
+    """A secret key may hold '/', which defeated the old check (it stopped at the first '/')."""
+    msg = error(_real_model_doc(**spec))
+    assert msg.startswith(f"{field}:") and "must not embed credentials" in msg and "\n" not in msg
+    assert "wJalr" not in msg
+
+
+def test_an_s3_uri_with_host_and_port_names_the_endpoint_variable() -> None:
+    msg = error(doc({"storage": {"uri": "s3://minio:9000/bucket"}}))
+    assert msg.startswith("spec.storage.uri:") and "AWS_ENDPOINT_URL" in msg
+
+
 def test_storage_uri_without_credentials_is_fine() -> None:
     assert make({"storage": {"uri": "s3://bucket/prefix"}}).spec.storage.uri == "s3://bucket/prefix"
 
