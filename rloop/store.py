@@ -159,6 +159,11 @@ class Manifest:
             sort_keys=True,
         )
 
+    @property
+    def digest(self) -> str:
+        """sha256 of the manifest as written (stages report it; the operator records it in status)."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()
+
     @classmethod
     def from_json(cls, text: str, where: str) -> Manifest:
         try:

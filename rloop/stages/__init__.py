@@ -30,7 +30,7 @@ from rloop.contracts import (
 )
 from rloop.plan import Stage
 from rloop.stages.common import InputError, StageContext, write_termination_message
-from rloop.store import CorruptArtifact, NotCommitted, StoreError, StoreUnavailable
+from rloop.store import CorruptArtifact, Manifest, NotCommitted, StoreError, StoreUnavailable
 
 
 def _quiet_libraries() -> None:
@@ -47,8 +47,8 @@ def run_stage(run_uri: str, stage: Stage) -> int:
     try:
         ctx = StageContext.open(run_uri, stage)
         done = _already_committed(ctx)
-        if done is not None:
-            summary = {**done, "already_committed": True, "manifest_sha256": _manifest_digest(ctx)}
+        if done is not None:  # the manifest just validated is the one reported: no second read
+            summary = {**done.summary, "already_committed": True, "manifest_sha256": done.digest}
             write_termination_message({"stage": stage.id, **summary})
             print(f"rloop stage {stage.id}: already committed, nothing to do", file=sys.stderr)
             return EXIT_OK
@@ -85,21 +85,19 @@ def run_stage(run_uri: str, stage: Stage) -> int:
     return EXIT_OK
 
 
-def _already_committed(ctx: StageContext) -> dict | None:
-    """The committed summary when this stage's own output validates in full, else None (then a new
-    attempt starts from scratch, as before)."""
+def _already_committed(ctx: StageContext) -> Manifest | None:
+    """The stage's manifest when its own output validates in full, else None (then a new attempt starts
+    from scratch, as before)."""
     try:
-        return ctx.store.validate(ctx.stage.id, deep=True).summary
+        return ctx.store.validate(ctx.stage.id, deep=True)
     except CorruptArtifact:
         return None
 
 
 def _manifest_digest(ctx: StageContext) -> str | None:
-    """sha256 of the stage's commit manifest (the operator records it in the run's status)."""
-    import hashlib
-
+    """sha256 of the commit manifest the stage just wrote (the operator records it in the run's status)."""
     try:
-        return hashlib.sha256(ctx.store.read_manifest(ctx.stage.id).to_json().encode()).hexdigest()
+        return ctx.store.read_manifest(ctx.stage.id).digest
     except StoreError:
         return None
 
