@@ -16,6 +16,7 @@ import json
 import sys
 
 from rloop.contracts import EXIT_INVALID_INPUT
+from rloop.redact import redact_uris
 
 
 def _cmd_run(args) -> int:
@@ -29,7 +30,7 @@ def _cmd_run(args) -> int:
     try:
         res = run_local(run, store_uri)
     except RunFailed as err:
-        print(f"rloop run: {err}", file=sys.stderr)
+        print(f"rloop run: {redact_uris(str(err))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\nrloop run: interrupted; committed stages are kept, run the same command to resume", file=sys.stderr)
@@ -188,5 +189,5 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rloop: invalid RLoopRun:{sep}{text}", file=sys.stderr)
         return EXIT_INVALID_INPUT
     except StoreError as err:
-        print(f"rloop: {err}", file=sys.stderr)
+        print(f"rloop: {redact_uris(str(err))}", file=sys.stderr)
         return 1

@@ -6,6 +6,8 @@ importing the stages, and the stages without importing the operator.
 
 from __future__ import annotations
 
+import hashlib
+
 # Stage exit codes.
 EXIT_OK = 0
 EXIT_INVALID_INPUT = 2
@@ -26,3 +28,17 @@ ERROR_STORE = "StoreError"
 STORE_RETRY_ENV = "RLOOP_STORE_RETRY_SECONDS"
 """How long a stage retries transient store errors before it exits EXIT_STORE_UNAVAILABLE."""
 STORE_RETRY_DEFAULT_SECONDS = 120.0
+
+# The run's manifest, which a stage snapshots as `<run>/spec.json` (the operator holds no store
+# credentials, so stages write it). The operator passes a file, not the manifest itself, in the env.
+RUN_MANIFEST_FILE_ENV = "RLOOP_RUN_MANIFEST_FILE"
+"""Path of a file holding the resolved RLoopRun as JSON (on Kubernetes: a downward-API volume)."""
+RUN_MANIFEST_SHA256_ENV = "RLOOP_RUN_MANIFEST_SHA256"
+"""sha256 (hex) of that file's bytes, as the operator made it; a file that differs is refused."""
+RUN_MANIFEST_LEGACY_ENV = "RLOOP_RUN_MANIFEST"
+"""The manifest itself, as the 0.1 operator passed it; stages still read it for one release (its Jobs)."""
+
+
+def manifest_sha256(text: str) -> str:
+    """Digest of a run manifest as the operator writes it and the stage checks it."""
+    return hashlib.sha256(text.encode()).hexdigest()

@@ -575,7 +575,17 @@ class StorageSpec(_Model):
     @field_validator("uri")
     @classmethod
     def _no_inline_credentials(cls, v: str | None) -> str | None:
-        return _no_credentials_in_uri(v, _SECRET_FIX)
+        v = _no_credentials_in_uri(v, _SECRET_FIX)
+        # The run URI is every stage Job's command-line argument and the status' artifacts.runUri: a query
+        # (a presigned URL's signature, a token) or fragment would publish it there. The value is not echoed.
+        if v and _URI_SCHEME.match(v) and ("?" in v or "#" in v):
+            raise ValueError(
+                "must not have a query string or fragment ('?...' or '#...'): it is the root of the run's "
+                "directory tree, and a query can carry a token that would reach every Job's command line; "
+                "write s3://bucket/prefix, with the endpoint in AWS_ENDPOINT_URL and credentials in the Secret "
+                "named by storage.secretRef (or a ServiceAccount via resources.default.serviceAccountName)"
+            )
+        return v
 
 
 class Toleration(_Model):
@@ -622,6 +632,22 @@ class StageResources(_Model):
         None, min_length=1, max_length=253, json_schema_extra=_pattern(_DNS_SUBDOMAIN_RE)
     )
     """Pod priorityClassName."""
+    service_account_name: str | None = Field(
+        None, min_length=1, max_length=253, json_schema_extra=_pattern(_DNS_SUBDOMAIN_RE)
+    )
+    """Pod serviceAccountName (in the run's namespace): with IRSA or EKS Pod Identity, stages get S3
+    access from the ServiceAccount's IAM role instead of static keys in storage.secretRef. Unset: the
+    namespace's `default` ServiceAccount."""
+    active_deadline_seconds: int | None = Field(None, ge=1, le=30 * 86_400)
+    """Wall-clock limit of one attempt (the Job's activeDeadlineSeconds): past it the pod is killed and
+    the attempt fails with DeadlineExceeded, then counts against retry.limit. Unset: no limit, since
+    stage lengths differ by orders of magnitude; set it per kind, e.g. `rl: {activeDeadlineSeconds: 172800}`."""
+    ephemeral_storage: str | None = Field(None, max_length=64, json_schema_extra=_pattern(_QUANTITY_RE))
+    """Size of the pod's `/tmp` (emptyDir sizeLimit) and its ephemeral-storage request and limit
+    (default 50Gi): model downloads, checkpoints before upload and caches live there."""
+    shm_size: str | None = Field(None, max_length=64, json_schema_extra=_pattern(_QUANTITY_RE))
+    """sizeLimit of the memory-backed `/dev/shm` of GPU pods (NCCL, dataloader workers); it counts
+    against the memory limit. Default: `memory` when set, else 16Gi."""
 
     @field_validator("image")
     @classmethod
@@ -633,7 +659,7 @@ class StageResources(_Model):
             )
         return v
 
-    @field_validator("cpu", "memory")
+    @field_validator("cpu", "memory", "ephemeral_storage", "shm_size")
     @classmethod
     def _quantity(cls, v: str | None) -> str | None:
         if v is not None and not _QUANTITY.fullmatch(v):
@@ -652,6 +678,11 @@ class StageResources(_Model):
     @classmethod
     def _priority(cls, v: str | None) -> str | None:
         return v if v is None else _check_dns_subdomain(v, "PriorityClass name")
+
+    @field_validator("service_account_name")
+    @classmethod
+    def _service_account(cls, v: str | None) -> str | None:
+        return v if v is None else _check_dns_subdomain(v, "ServiceAccount name")
 
 
 class ResourcesSpec(_Model):
@@ -673,6 +704,13 @@ class RetrySpec(_Model):
     """Attempts after the first."""
     backoff_seconds: int = Field(30, ge=0, le=86_400)
     """Delay before the first retry; doubles per attempt."""
+    pending_timeout_seconds: int = Field(1800, ge=0, le=30 * 86_400)
+    """An attempt whose pod is not running for this long (ImagePullBackOff, a missing Secret key,
+    Unschedulable, a lost node) is stopped and fails with the pod's reason; it counts against `limit`.
+    Measured from when the pod last stopped being ready. 0: wait forever (e.g. behind a slow autoscaler)."""
+    disruption_limit: int = Field(10, ge=0, le=1000)
+    """Evictions and preemptions (pod condition DisruptionTarget) each stage may take; each restarts the
+    attempt at once, apart from `limit`, and is counted in status.disruptions. One more fails the run."""
 
 
 class RLoopRunSpec(_Model):
@@ -815,6 +853,8 @@ class RLoopRunStatus(_Model):
     """Artifact URIs, e.g. latestPolicy."""
     committed: dict[str, CommitRecord] = Field(default_factory=dict)
     """Stage id → how it committed: the record of progress, whether or not its Job still exists."""
+    disruptions: dict[str, int] = Field(default_factory=dict)
+    """Stage id → attempts that ended in an eviction or preemption (capped by retry.disruptionLimit)."""
 
 
 # ------------------------------------------------------------------------------------ validation
@@ -1213,6 +1253,11 @@ MUTABLE_FIELDS = ("suspend", "retry", "resources", "queueName", "storage.secretR
 
 def immutable_changes(old: RLoopRunSpec, new: RLoopRunSpec) -> list[str]:
     """camelCase paths (under spec.) whose value changed and may not change mid-run."""
+    return immutable_wire_changes(old.to_wire(), new.to_wire())
+
+
+def immutable_wire_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """`immutable_changes` of two specs as wire dicts (what the API server's CEL rules compare too)."""
     changed: list[str] = []
 
     def walk(a: Any, b: Any, path: str) -> None:
@@ -1224,5 +1269,5 @@ def immutable_changes(old: RLoopRunSpec, new: RLoopRunSpec) -> list[str]:
         elif a != b:
             changed.append(f"spec.{path}")
 
-    walk(old.to_wire(), new.to_wire(), "")
+    walk(old, new, "")
     return changed

@@ -44,6 +44,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from rloop.contracts import STORE_RETRY_DEFAULT_SECONDS, STORE_RETRY_ENV
+from rloop.redact import redact_uris
 
 MANIFEST = "_COMMIT.json"
 MANIFEST_VERSION = 1
@@ -105,14 +106,15 @@ def open_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
         fs = fsspec.filesystem("s3", **_s3_options())
         return fs, uri.removeprefix("s3://").rstrip("/")
     if "://" in uri and not uri.startswith("file://"):
-        raise StoreError(f"storage.uri {uri!r}: only local paths and s3:// URIs are supported")
+        raise StoreError(f"storage.uri {redact_uris(uri)!r}: only local paths and s3:// URIs are supported")
     path = os.path.abspath(uri.removeprefix("file://"))
     return fsspec.filesystem("file", auto_mkdir=True), path
 
 
 def _explain(err: Exception, uri: str, remote: bool | None = None) -> StoreError:
-    """Turn botocore/s3fs errors into a message that says what to fix."""
-    text = f"{type(err).__name__}: {err}"
+    """Turn botocore/s3fs errors into a message that says what to fix (without URI secrets: botocore
+    quotes endpoint URLs, and a presigned URL's query is a credential)."""
+    text, uri = redact_uris(f"{type(err).__name__}: {err}"), redact_uris(uri)
     # s3fs turns 403s into PermissionError carrying only the server's message (no error code).
     denied = isinstance(err, PermissionError) and uri.startswith("s3://")
     codes = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "Forbidden", "403")
@@ -227,7 +229,7 @@ class RunStore:
                                                      f"of retries; {STORE_RETRY_ENV} sets the window)")
                     raise explained from None
                 if not warned:
-                    print(f"rloop: store {self.uri} unavailable ({str(explained)[:160]}); retrying for up to "
+                    print(f"rloop: store {redact_uris(self.uri)} unavailable ({str(explained)[:160]}); retrying for up to "
                           f"{remaining:.0f}s", file=sys.stderr)
                     warned = True
                 time.sleep(min(delay, remaining))

@@ -10,10 +10,18 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from rloop.contracts import EXIT_INVALID_INPUT
+from rloop.contracts import (
+    EXIT_INVALID_INPUT,
+    RUN_MANIFEST_FILE_ENV,
+    RUN_MANIFEST_SHA256_ENV,
+    manifest_sha256,
+)
 from rloop.plan import Stage
+from rloop.redact import is_redacted
 from rloop.spec import API_GROUP, API_VERSION, KIND, RLoopRunSpec, StageResources
 from rloop_operator.naming import (
+    ANNOTATION_ABANDONED,
+    ANNOTATION_SPEC_GENERATION,
     ANNOTATION_SUSPENDED,
     LABEL_KUEUE_QUEUE,
     job_labels,
@@ -27,9 +35,18 @@ RUN_AS = 1000
 GPU_RESOURCE = "nvidia.com/gpu"
 S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 S3_OPTIONAL_SECRET_KEYS = ("AWS_ENDPOINT_URL", "AWS_REGION")
-ENV_RUN_MANIFEST = "RLOOP_RUN_MANIFEST"
+RUN_MANIFEST_ANNOTATION = "rloop.dev/run-manifest"
+"""Pod-template annotation holding `run_manifest(...)`; a downward-API volume shows it to the stage as
+RUN_MANIFEST_PATH. Not an env variable: env is copied into every process the stage starts (torchrun,
+vLLM and verifier workers), shown by `kubectl describe pod`, and one variable is capped at 128 KiB."""
+RUN_MANIFEST_PATH = "/etc/rloop/run/manifest.json"
+DEFAULT_EPHEMERAL_STORAGE = "50Gi"
+"""`/tmp` size and ephemeral-storage request/limit when the spec names none (StageResources.ephemeralStorage)."""
+DEFAULT_SHM_SIZE = "16Gi"
+"""`/dev/shm` size of GPU pods without a memory setting (StageResources.shmSize)."""
 
-_RESOURCE_FIELDS = ("image", "gpus", "cpu", "memory", "node_selector", "tolerations", "priority_class_name")
+_RESOURCE_FIELDS = tuple(StageResources.model_fields)
+"""Every pod setting merges field-wise (a new StageResources field needs no change here)."""
 
 
 def stage_resources(spec: RLoopRunSpec, kind: str) -> StageResources:
@@ -46,6 +63,8 @@ def stage_resources(spec: RLoopRunSpec, kind: str) -> StageResources:
 
 def stage_args(stage: Stage, run_uri: str) -> list[str]:
     """The stage command (same arguments as `rloop.runner.stage_command`, after the interpreter)."""
+    if not is_redacted(run_uri):  # spec validation rejects these in storage.uri; a command line is public
+        raise ValueError("the run URI has userinfo, a query or a fragment; it cannot be a Job argument")
     return ["rloop", "stage", stage.kind, "--run", run_uri, *stage.cli_args()]
 
 
@@ -73,7 +92,10 @@ def _env(run_name: str, namespace: str, spec: RLoopRunSpec) -> list[dict[str, An
         {"name": "PYTHONUNBUFFERED", "value": "1"},
         # Live step metrics (rloop.telemetry) for the chart's PodMonitor.
         {"name": "RLOOP_METRICS_PORT", "value": str(METRICS_PORT)},
-        {"name": ENV_RUN_MANIFEST, "value": run_manifest(run_name, namespace, spec)},
+        # The manifest itself is a file (RUN_MANIFEST_ANNOTATION); env pins its digest, since a pod's
+        # annotations (and so the file) can be edited after the operator made the Job, its env cannot.
+        {"name": RUN_MANIFEST_FILE_ENV, "value": RUN_MANIFEST_PATH},
+        {"name": RUN_MANIFEST_SHA256_ENV, "value": manifest_sha256(run_manifest(run_name, namespace, spec))},
     ]
     secret = spec.storage.secret_ref
     if secret is not None:
@@ -91,8 +113,10 @@ def _env(run_name: str, namespace: str, spec: RLoopRunSpec) -> list[dict[str, An
 
 
 def _container_resources(res: StageResources) -> dict[str, Any]:
-    requests: dict[str, str] = {}
-    limits: dict[str, str] = {}
+    # Sized, so a stage filling its disk is evicted alone (and says so) instead of the node running out.
+    scratch = res.ephemeral_storage or DEFAULT_EPHEMERAL_STORAGE
+    requests: dict[str, str] = {"ephemeral-storage": scratch}
+    limits: dict[str, str] = {"ephemeral-storage": scratch}
     if res.cpu is not None:
         # No CPU limit on purpose: CFS throttling slows training and rollouts for nothing.
         requests["cpu"] = res.cpu
@@ -120,12 +144,21 @@ def _pod_spec(
     image: str,
     res: StageResources,
 ) -> dict[str, Any]:
-    volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {}}]
+    volumes: list[dict[str, Any]] = [
+        {"name": "tmp", "emptyDir": {"sizeLimit": res.ephemeral_storage or DEFAULT_EPHEMERAL_STORAGE}}
+    ]
     mounts: list[dict[str, Any]] = [{"name": "tmp", "mountPath": "/tmp"}]
     if res.gpus:
-        # The container runtime's default /dev/shm is 64 MiB; NCCL and torch workers need more.
-        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
+        # The container runtime's default /dev/shm is 64 MiB; NCCL and torch workers need more. It is
+        # memory: bounded, so a runaway writer hits its own limit rather than the node's memory.
+        shm = res.shm_size or res.memory or DEFAULT_SHM_SIZE
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm}})
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+    # The run manifest, from the pod's own annotation (the stage writes <run>/spec.json from it).
+    manifest_dir, manifest_file = RUN_MANIFEST_PATH.rsplit("/", 1)
+    annotation = {"fieldPath": f"metadata.annotations['{RUN_MANIFEST_ANNOTATION}']"}
+    volumes.append({"name": "run-manifest", "downwardAPI": {"items": [{"path": manifest_file, "fieldRef": annotation}]}})
+    mounts.append({"name": "run-manifest", "mountPath": manifest_dir, "readOnly": True})
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": image,
@@ -165,15 +198,23 @@ def _pod_spec(
         pod["tolerations"] = [t.to_wire() for t in res.tolerations]
     if res.priority_class_name:
         pod["priorityClassName"] = res.priority_class_name
+    if res.service_account_name:
+        # For the store's credentials (IRSA, EKS Pod Identity). automountServiceAccountToken stays off:
+        # their webhooks project a token of their own; the API token is still not needed.
+        pod["serviceAccountName"] = res.service_account_name
     return pod
 
 
 def pod_failure_policy() -> dict[str, Any]:
-    """Preemption/eviction is not the stage's fault; exit code 2 (invalid input) can never succeed."""
+    """Preemption/eviction ends the attempt at once, whatever the exit code, so the operator sees it:
+    it starts the next attempt without backoff, apart from retry.limit, and counts it against
+    retry.disruptionLimit (an in-Job replacement would be invisible and unbounded). Exit code 2
+    (invalid input) can never succeed."""
     return {
         "rules": [
-            # First match wins: a disrupted pod is replaced within the same Job, whatever its exit code.
-            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+            # First match wins. Kubernetes names the condition in the Job's Failed message
+            # ("Pod ns/x has condition DisruptionTarget matching FailJob rule at index 0").
+            {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
             {
                 "action": "FailJob",
                 "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [EXIT_INVALID_INPUT]},
@@ -192,8 +233,10 @@ def build_job(
     *,
     run_uri: str,
     default_image: str,
+    generation: int | None = None,
 ) -> dict[str, Any]:
-    """The Job running attempt `attempt` of `stage` for the RLoopRun `namespace/run_name`."""
+    """The Job running attempt `attempt` of `stage` for the RLoopRun `namespace/run_name` (whose
+    metadata.generation is `generation`)."""
     res = stage_resources(spec, stage.kind)
     image = res.image or default_image
     labels = job_labels(run_name, stage, attempt)
@@ -216,25 +259,38 @@ def build_job(
             }
         ],
     }
+    annotations: dict[str, str] = {}
+    if generation is not None:
+        annotations[ANNOTATION_SPEC_GENERATION] = str(generation)
     if spec.suspend:
-        metadata["annotations"] = {ANNOTATION_SUSPENDED: "true"}
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": metadata,
-        "spec": {
-            "suspend": spec.suspend,
-            # The operator owns retries (with backoff and the run's retry.limit): each attempt is its own
-            # Job with its own name, so a failed attempt stays visible and is never re-run in place.
-            "backoffLimit": 0,
-            # No ttlSecondsAfterFinished: a succeeded Job is the operator's evidence that the stage committed.
-            "podFailurePolicy": pod_failure_policy(),
-            "template": {
-                "metadata": {"labels": dict(labels)},
-                "spec": _pod_spec(run_name, namespace, spec, stage, run_uri, image, res),
+        annotations[ANNOTATION_SUSPENDED] = "true"
+    if annotations:
+        metadata["annotations"] = annotations
+    job_spec: dict[str, Any] = {
+        "suspend": spec.suspend,
+        # The operator owns retries (with backoff and the run's retry.limit): each attempt is its own
+        # Job with its own name, so a failed attempt stays visible and is never re-run in place.
+        "backoffLimit": 0,
+        # No ttlSecondsAfterFinished: status.committed, not the Job, records that the stage committed.
+        "podFailurePolicy": pod_failure_policy(),
+        "template": {
+            "metadata": {
+                "labels": dict(labels),
+                "annotations": {RUN_MANIFEST_ANNOTATION: run_manifest(run_name, namespace, spec)},
             },
+            "spec": _pod_spec(run_name, namespace, spec, stage, run_uri, image, res),
         },
     }
+    if res.active_deadline_seconds is not None:
+        job_spec["activeDeadlineSeconds"] = res.active_deadline_seconds
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": job_spec}
+
+
+def abandon_patch(reason: str, message: str, time: str) -> dict[str, Any]:
+    """Merge patch for a Job in `Actions.abandon_jobs`: suspending deletes its pod; the annotation makes
+    every later pass read the attempt as failed, with the pod's reason."""
+    record = json.dumps({"time": time, "reason": reason, "message": message}, sort_keys=True)
+    return {"metadata": {"annotations": {ANNOTATION_ABANDONED: record}}, "spec": {"suspend": True}}
 
 
 def suspend_patch() -> dict[str, Any]:

@@ -15,12 +15,33 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+from rloop.redact import redact_uris
 from rloop_operator.builders import CONTAINER, resume_patch, suspend_patch
-from rloop_operator.jobs import format_time, needs_message, parse_time, termination_messages, view_job
-from rloop_operator.k8s import KubeApi
+from rloop_operator.jobs import (
+    JobView,
+    PodProblem,
+    format_time,
+    job_of_pod,
+    missing_pod,
+    needs_message,
+    needs_pods,
+    parse_time,
+    pod_problems,
+    termination_messages,
+    view_job,
+)
+from rloop_operator.k8s import CreateRefused, KubeApi
 from rloop_operator.metrics import OperatorMetrics, RunKey, RunState
 from rloop_operator.naming import parse_job_labels, run_selector
-from rloop_operator.reconcile import Actions, Observed, reconcile, status_patch, without_started
+from rloop_operator.reconcile import (
+    REFUSAL_BACKOFF_MAX_SECONDS,
+    Actions,
+    Observed,
+    Refusal,
+    reconcile,
+    status_patch,
+    without_started,
+)
 from rloop_operator.settings import OperatorSettings
 
 log = logging.getLogger(__name__)
@@ -29,6 +50,8 @@ MESSAGE_TRIES = 3
 """Passes that look for a finished Job's pod before its message is taken as empty (pod deleted)."""
 NAME_CONFLICT_RETRY = 5.0
 """Seconds before retrying a Job name held by a Job this run does not own (an older run's, being GC'd)."""
+REFUSAL_BACKOFF_SECONDS = 10.0
+"""First delay after the API refused a Job for now (quota, RBAC); doubles per refusal in a row, capped."""
 
 
 class Controller:
@@ -51,6 +74,8 @@ class Controller:
         """Per run: resourceVersion our last status patch produced (its watch event needs no pass)."""
         self._job_versions: dict[RunKey, dict[str, str]] = {}
         """Per run: Job name → resourceVersion this controller last saw (listed or created)."""
+        self._refusals: dict[RunKey, int] = {}
+        """Per run: creates refused in a row (for the backoff only; a restart merely starts it over)."""
 
     # ---------------------------------------------------------------------------------------- entry
     def reconcile(self, key: RunKey) -> float | None:
@@ -78,6 +103,7 @@ class Controller:
             self._message_tries.pop(key, None)
             self._written.pop(key, None)
             self._job_versions.pop(key, None)
+            self._refusals.pop(key, None)
         self.metrics.forget_run(key)
 
     # ----------------------------------------------------------------------------------------- pass
@@ -93,47 +119,68 @@ class Controller:
         versions = {_name(j): _version(j) for j in jobs}
         status = run.get("status") if isinstance(run.get("status"), dict) else {}
         now = self.clock()
-        actions = reconcile(
-            Observed(
-                name=name,
-                namespace=namespace,
-                uid=str(meta.get("uid") or ""),
-                generation=meta.get("generation"),
-                spec=run.get("spec") if isinstance(run.get("spec"), dict) else {},
-                status=status,
-                jobs=jobs,
-                terminated_messages=self._termination_messages(key, jobs),
-                now=now,
-            ),
-            default_image=self.settings.image,
+        messages, problems = self._pod_facts(key, jobs)
+        observed = Observed(
+            name=name,
+            namespace=namespace,
+            uid=str(meta.get("uid") or ""),
+            generation=meta.get("generation"),
+            spec=run.get("spec") if isinstance(run.get("spec"), dict) else {},
+            status=status,
+            jobs=jobs,
+            terminated_messages=messages,
+            now=now,
+            pod_problems=problems,
         )
-        conflict = self._apply(key, run, status, versions, actions, now)
+        actions = reconcile(observed, default_image=self.settings.image)
+        not_created, conflict, refused = self._create_jobs(key, versions, actions)
+        if refused:
+            # The same pass again, knowing what the API refused: its status says so instead of "created".
+            observed.refused = refused
+            actions = reconcile(observed, default_image=self.settings.image)
+            actions.create_jobs = []
+        self._apply(key, run, status, actions, now, not_created)
+        if any(r.status >= 500 or r.status == 429 for r in refused.values()):
+            # The API server failed (it may even have stored the Job): the status says so, and it also
+            # counts as a failed pass for the RLoopReconcileErrors alert.
+            self.metrics.reconcile_errors.inc()
         self._job_versions[key] = versions
         self._record(key, actions, now)
         delays = [d for d in (actions.requeue_after, conflict) if d is not None]
         return min([*delays, self.settings.resync_seconds])
 
-    def _termination_messages(self, key: RunKey, jobs: list[dict[str, Any]]) -> dict[str, str]:
-        """Messages of the run's finished Jobs that matter (`needs_message`); lists the run's pods only
-        when one of those is not known yet."""
+    def _pod_facts(self, key: RunKey, jobs: list[dict[str, Any]]) -> tuple[dict[str, str], dict[str, PodProblem]]:
+        """What the run's pods say: termination messages of finished Jobs that matter (`needs_message`),
+        and why unfinished Jobs without a ready pod are not running. Lists the run's pods only when a
+        message is not known yet or a Job is not running (so a healthy running run costs no list)."""
         with self._lock:
             cache = self._messages.setdefault(key, {})
             tries = self._message_tries.setdefault(key, {})
         out: dict[str, str] = {}
         missing: list[tuple[str, str]] = []
+        stalled: list[JobView] = []
         for job in jobs:
             meta = job.get("metadata") or {}
             uid, name = str(meta.get("uid") or ""), str(meta.get("name") or "")
             view = view_job(job)
+            if view is not None and needs_pods(view):
+                stalled.append(view)
             if view is None or not view.finished or not needs_message(view):
                 continue
             if uid in cache:
                 out[name] = cache[uid]
             else:
                 missing.append((uid, name))
+        if not missing and not stalled:
+            return out, {}
+        namespace, run = key
+        pods = self.api.list_pods(namespace, run_selector(run))
+        problems = pod_problems(pods, CONTAINER) if stalled else {}
+        for view in stalled:
+            if view.name not in problems and not any(job_of_pod(p) == view.name for p in pods):
+                problems[view.name] = missing_pod(view)
         if missing:
-            namespace, run = key
-            found = termination_messages(self.api.list_pods(namespace, run_selector(run)), CONTAINER)
+            found = termination_messages(pods, CONTAINER)
             for uid, name in missing:
                 if name in found:
                     cache[uid] = out[name] = found[name]
@@ -142,22 +189,18 @@ class Controller:
                     tries[uid] = tries.get(uid, 0) + 1
                     if tries[uid] >= MESSAGE_TRIES:
                         cache[uid] = ""
-        return out
+        return out, problems
 
-    def _apply(
-        self,
-        key: RunKey,
-        run: dict[str, Any],
-        old_status: dict[str, Any],
-        versions: dict[str, str],
-        actions: Actions,
-        now: datetime,
-    ) -> float | None:
-        """Apply the actions; returns a retry delay when a Job name was held by a Job not ours.
-        `versions` (the listed Jobs) gains the Jobs created here."""
+    def _create_jobs(
+        self, key: RunKey, versions: dict[str, str], actions: Actions
+    ) -> tuple[set[str], float | None, dict[str, Refusal]]:
+        """Create the Jobs the pass asked for (a created Job is its own record, so this comes first).
+        Returns the Jobs not created (they existed), a retry delay when a name was held by a Job not
+        ours, and what the API refused. `versions` (the listed Jobs) gains the Jobs created here."""
         namespace, name = key
         conflict: float | None = None
         not_created: set[str] = set()
+        refused: dict[str, Refusal] = {}
         for body in actions.create_jobs:
             job = body["metadata"]["name"]
             if job in versions:
@@ -169,7 +212,13 @@ class Controller:
                 conflict = NAME_CONFLICT_RETRY
                 not_created.add(job)
                 continue
-            created = self.api.create_job(namespace, body)
+            try:
+                created = self.api.create_job(namespace, body)
+            except CreateRefused as err:
+                log.warning("%s/%s: the API server refused Job %s: %s", namespace, name, job, err)
+                refused[job] = Refusal(err.status, err.reason, err.message, retry_after=self._refusal_delay(key))
+                not_created.add(job)
+                continue
             if created is None:
                 log.info("%s/%s: Job %s already exists (created by an earlier pass)", namespace, name, job)
                 not_created.add(job)
@@ -179,17 +228,41 @@ class Controller:
             kind = parsed[0].kind if parsed else "unknown"
             self.metrics.stage_attempts.labels(namespace, name, kind).inc()
             log.info("%s/%s: created Job %s", namespace, name, job)
+        if actions.create_jobs and not refused:
+            self._refusals.pop(key, None)
+        return not_created, conflict, refused
+
+    def _refusal_delay(self, key: RunKey) -> float:
+        n = self._refusals[key] = self._refusals.get(key, 0) + 1
+        return min(REFUSAL_BACKOFF_SECONDS * 2 ** (n - 1), REFUSAL_BACKOFF_MAX_SECONDS)
+
+    def _apply(
+        self,
+        key: RunKey,
+        run: dict[str, Any],
+        old_status: dict[str, Any],
+        actions: Actions,
+        now: datetime,
+        not_created: set[str],
+    ) -> None:
+        """Apply the rest of the pass (Jobs are created already): Job patches, the status that mentions
+        them, then events (best effort; a crash before them loses an event, never duplicates one)."""
+        namespace, name = key
         for job in actions.suspend_jobs:
             self.api.patch_job(namespace, job, suspend_patch())
         for job in actions.resume_jobs:
             self.api.patch_job(namespace, job, resume_patch())
+        for job, patch in actions.abandon_jobs.items():
+            log.warning("%s/%s: stopping Job %s, whose pod never ran", namespace, name, job)
+            self.api.patch_job(namespace, job, patch)
         if actions.status_changed:
             rv = self.api.patch_run_status(namespace, name, status_patch(old_status, actions.status))
             if rv is not None:
                 self._written[key] = rv
         stamp = format_time(now)
         for type_, reason, message in without_started(actions.events, not_created):
-            self.api.create_event(run, type_, reason, message, stamp)
+            # Events are readable by more people than the run; no URI secret reaches one, whatever built it.
+            self.api.create_event(run, type_, reason, redact_uris(message), stamp)
         for view in actions.finished:
             if view.state == "Failed":
                 self.metrics.stage_failures.labels(namespace, name, view.stage.kind).inc()
@@ -200,7 +273,6 @@ class Controller:
                     self.metrics.stage_duration.labels(namespace, view.stage.kind, view.state).observe(
                         (t1 - t0).total_seconds()
                     )
-        return conflict
 
     def _record(self, key: RunKey, actions: Actions, now: datetime) -> None:
         status = actions.status

@@ -13,8 +13,11 @@ from typing import Any, Literal
 
 from rloop.contracts import ERROR_CORRUPT_INPUT, ERROR_INVALID_INPUT, ERROR_STORE_UNAVAILABLE
 from rloop.plan import STAGE_KINDS, Stage
+from rloop.redact import redact_uris
 from rloop.spec import clean_line
 from rloop_operator.naming import (
+    ANNOTATION_ABANDONED,
+    ANNOTATION_SPEC_GENERATION,
     ANNOTATION_SUSPENDED,
     LABEL_KUEUE_QUEUE,
     LABEL_RUN,
@@ -23,7 +26,7 @@ from rloop_operator.naming import (
 )
 
 JobState = Literal["Pending", "Running", "Succeeded", "Failed"]
-FailureKind = Literal["invalid", "corrupt", "unavailable", "other"]
+FailureKind = Literal["invalid", "corrupt", "unavailable", "disrupted", "other"]
 
 POD_FAILURE_POLICY_REASON = "PodFailurePolicy"
 """Job condition reason when a podFailurePolicy FailJob rule fired; our only such rule is exit code 2."""
@@ -34,6 +37,24 @@ MESSAGE_MAX = 4096
 from a kubelet and is cut here, before anything parses it."""
 SUMMARY_DEPTH = 4
 """A stage summary is a flat JSON object (pass_at_k is one level down); deeper documents are not summaries."""
+ANNOTATION_MAX = 2048
+"""Our own annotations are short; a longer value was not written by the operator and is ignored."""
+DISRUPTION_CONDITION = "DisruptionTarget"
+"""Pod condition of an evicted or preempted pod; the Job's Failed message names it when our FailJob rule fired."""
+
+
+@dataclass(frozen=True)
+class PodProblem:
+    """Why an unfinished Job's pod is not running: a waiting container, an unschedulable or unready pod."""
+
+    reason: str
+    """ImagePullBackOff, CreateContainerConfigError, Unschedulable, NotReady, ..."""
+    message: str
+    since: str | None
+    """When the pod stopped being ready (its Ready condition's transition), else when it was created."""
+
+    def text(self) -> str:
+        return f"{self.reason}: {self.message}" if self.message else self.reason
 
 
 @dataclass(frozen=True)
@@ -54,6 +75,10 @@ class JobView:
     detail: str | None
     summary: dict[str, Any] | None
     """The stage's termination message when it is a JSON object (metrics of a succeeded stage)."""
+    generation: int | None = None
+    """The run's metadata.generation the Job was made from (its annotation)."""
+    problem: PodProblem | None = None
+    """Unfinished and its pod not running: why (None while it runs, or when its pods are not known)."""
 
     @property
     def finished(self) -> bool:
@@ -146,8 +171,11 @@ def _last_line(text: str) -> str:
 def _failure(status: dict[str, Any], summary: dict[str, Any] | None, raw: Any) -> tuple[FailureKind, str]:
     failed = _condition(status, "Failed") or {}
     error = summary.get("error") if summary else None
-    if error == ERROR_INVALID_INPUT or failed.get("reason") == POD_FAILURE_POLICY_REASON:
-        kind: FailureKind = "invalid"
+    by_policy = failed.get("reason") == POD_FAILURE_POLICY_REASON
+    if by_policy and DISRUPTION_CONDITION in str(failed.get("message") or ""):
+        kind: FailureKind = "disrupted"
+    elif error == ERROR_INVALID_INPUT or by_policy:
+        kind = "invalid"
     elif error == ERROR_CORRUPT_INPUT:
         kind = "corrupt"
     elif error == ERROR_STORE_UNAVAILABLE:
@@ -161,11 +189,34 @@ def _failure(status: dict[str, Any], summary: dict[str, Any] | None, raw: Any) -
     else:
         detail = str(failed.get("message") or failed.get("reason") or "the pod failed (no message)")
     # One printable line (no control or bidi characters): it ends up in condition messages and Events.
-    return kind, clean_line(detail, DETAIL_MAX)
+    # Credentials and presigned tokens in URIs go first, before cleaning or cutting could split a URI.
+    return kind, clean_line(redact_uris(detail), DETAIL_MAX)
 
 
-def view_job(job: dict[str, Any], message: Any = None) -> JobView | None:
-    """A JobView of an observed Job (None when its labels do not name a stage and attempt)."""
+def _generation(annotations: dict[str, Any]) -> int | None:
+    text = annotations.get(ANNOTATION_SPEC_GENERATION)
+    if isinstance(text, str) and text.isdigit() and len(text) <= 19:
+        return int(text)
+    return None
+
+
+def abandoned(annotations: dict[str, Any]) -> dict[str, str] | None:
+    """The operator's record that it stopped this attempt for never running (ANNOTATION_ABANDONED)."""
+    text = annotations.get(ANNOTATION_ABANDONED)
+    if not isinstance(text, str) or len(text) > ANNOTATION_MAX:
+        return None
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(doc, dict):
+        return None
+    return {k: clean_line(str(doc.get(k) or ""), DETAIL_MAX) for k in ("time", "reason", "message")}
+
+
+def view_job(job: dict[str, Any], message: Any = None, problem: PodProblem | None = None) -> JobView | None:
+    """A JobView of an observed Job (None when its labels do not name a stage and attempt); `problem`:
+    why its pod is not running, when the caller looked."""
     meta = job.get("metadata") or {}
     parsed = parse_job_labels(meta.get("labels"))
     name = meta.get("name")
@@ -182,13 +233,21 @@ def view_job(job: dict[str, Any], message: Any = None) -> JobView | None:
         state: JobState = "Succeeded"
     elif _int(status.get("failed")) >= 1 or failed:
         state = "Failed"
-    elif _int(status.get("active")) >= 1 or _int(status.get("ready")) >= 1:
+    elif _int(status.get("ready")) >= 1 or (_int(status.get("active")) >= 1 and "ready" not in status):
+        # An active pod that is not ready (ImagePullBackOff, a missing Secret key, a lost node) is not
+        # running yet; clusters before 1.24 report no `ready`, and there an active pod counts as running.
         state = "Running"
     else:
         state = "Pending"
     end = status.get("completionTime") or (complete or failed or {}).get("lastTransitionTime")
     failure, detail = _failure(status, summary, message) if state == "Failed" else (None, None)
-    annotations = meta.get("annotations") or {}
+    annotations = meta.get("annotations") if isinstance(meta.get("annotations"), dict) else {}
+    gave_up = abandoned(annotations) if state != "Succeeded" else None
+    if gave_up is not None:  # stopped by the operator: failed, whatever the suspended Job says
+        state, failure, end = "Failed", "other", gave_up["time"] or None
+        detail = clean_line(f"{gave_up['reason']}: {gave_up['message']}", DETAIL_MAX)
+    elif state in ("Pending", "Running") and problem is not None:
+        state = "Pending"
     labels = meta.get("labels") or {}
     suspended = bool(spec.get("suspend"))
     return JobView(
@@ -205,6 +264,8 @@ def view_job(job: dict[str, Any], message: Any = None) -> JobView | None:
         failure=failure,
         detail=detail,
         summary=summary,
+        generation=_generation(annotations),
+        problem=problem if state == "Pending" else None,
     )
 
 
@@ -220,17 +281,22 @@ def _owned(job: dict[str, Any], run_name: str, uid: str) -> bool:
 
 
 def observe_jobs(
-    jobs: list[dict[str, Any]], run_name: str, uid: str, messages: dict[str, str] | None = None
+    jobs: list[dict[str, Any]],
+    run_name: str,
+    uid: str,
+    messages: dict[str, str] | None = None,
+    problems: dict[str, PodProblem] | None = None,
 ) -> list[JobView]:
     """This run's Jobs as JobViews in DAG order (stage, then attempt), one per name.
 
     Filters by label and owner here because not every API server honours label selectors."""
-    messages = messages or {}
+    messages, problems = messages or {}, problems or {}
     seen: dict[str, JobView] = {}
     for job in jobs:
         if not isinstance(job, dict) or not _owned(job, run_name, uid):
             continue
-        view = view_job(job, messages.get((job.get("metadata") or {}).get("name", "")))
+        name = (job.get("metadata") or {}).get("name", "")
+        view = view_job(job, messages.get(name), problems.get(name))
         if view is not None:
             seen[view.name] = view
     return sorted(seen.values(), key=lambda v: (stage_order(v.stage), v.attempt, v.name))
@@ -269,3 +335,75 @@ def termination_messages(pods: list[dict[str, Any]], container: str) -> dict[str
             if job not in found or started >= found[job][0]:
                 found[job] = (started, str(terminated.get("message") or "")[:MESSAGE_MAX])
     return {job: message for job, (_, message) in found.items()}
+
+
+def needs_pods(view: JobView) -> bool:
+    """Whether to look at an unfinished Job's pods: the Job controller has started it (startTime), it
+    is not suspended, and no pod of it is ready (status.ready, Kubernetes 1.24+): something holds it."""
+    return not view.finished and not view.suspended and view.state == "Pending" and view.start_time is not None
+
+
+NO_POD = "NoPod"
+"""PodProblem reason of a started Job that has no pod at all: the Job controller's pod creates are refused."""
+
+
+def missing_pod(view: JobView) -> PodProblem:
+    return PodProblem(NO_POD, "the Job has no pod: its pod creates are refused (a ResourceQuota, LimitRange "
+                      "or admission webhook; see `kubectl describe job`)", view.start_time)
+
+
+def job_of_pod(pod: dict[str, Any]) -> str | None:
+    labels = (pod.get("metadata") or {}).get("labels") or {}
+    return next((labels[k] for k in JOB_NAME_LABELS if isinstance(labels.get(k), str)), None)
+
+
+def _pod_condition(status: dict[str, Any], type_: str) -> dict[str, Any] | None:
+    for c in status.get("conditions") or []:
+        if isinstance(c, dict) and c.get("type") == type_:
+            return c
+    return None
+
+
+def pod_problem(pod: dict[str, Any], container: str) -> PodProblem | None:
+    """Why this pod is not running its `container`, or None when it runs (or has terminated)."""
+    status = pod.get("status") if isinstance(pod.get("status"), dict) else {}
+    if status.get("phase") in ("Succeeded", "Failed"):
+        return None
+    ready = _pod_condition(status, "Ready") or {}
+    since = ready.get("lastTransitionTime") if ready.get("status") == "False" else None
+    since = since or (pod.get("metadata") or {}).get("creationTimestamp")
+    for cs in status.get("containerStatuses") or []:
+        if not isinstance(cs, dict) or cs.get("name") != container:
+            continue
+        waiting = (cs.get("state") or {}).get("waiting")
+        if isinstance(waiting, dict):
+            return PodProblem(clean_line(str(waiting.get("reason") or "Waiting"), 80),
+                              clean_line(str(waiting.get("message") or ""), DETAIL_MAX), since)
+        if cs.get("ready") is True or (cs.get("state") or {}).get("running") and ready.get("status") != "False":
+            return None
+    scheduled = _pod_condition(status, "PodScheduled") or {}
+    if scheduled.get("status") == "False":
+        return PodProblem(clean_line(str(scheduled.get("reason") or "Unschedulable"), 80),
+                          clean_line(str(scheduled.get("message") or ""), DETAIL_MAX), since)
+    if ready.get("status") == "False":
+        return PodProblem(clean_line(str(ready.get("reason") or "NotReady"), 80),
+                          clean_line(str(ready.get("message") or ""), DETAIL_MAX), since)
+    return PodProblem("Pending", "the pod has not started", since)
+
+
+def pod_problems(pods: list[dict[str, Any]], container: str) -> dict[str, PodProblem]:
+    """Job name → why its newest live pod is not running (Jobs whose pod runs are absent)."""
+    newest: dict[str, tuple[str, dict[str, Any]]] = {}
+    for pod in pods:
+        if not isinstance(pod, dict) or (pod.get("metadata") or {}).get("deletionTimestamp"):
+            continue
+        job = job_of_pod(pod)
+        created = str((pod.get("metadata") or {}).get("creationTimestamp") or "")
+        if job is not None and (job not in newest or created >= newest[job][0]):
+            newest[job] = (created, pod)
+    out: dict[str, PodProblem] = {}
+    for job, (_, pod) in newest.items():
+        problem = pod_problem(pod, container)
+        if problem is not None:
+            out[job] = problem
+    return out

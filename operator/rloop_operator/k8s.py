@@ -28,6 +28,8 @@ REQUEST_TIMEOUT = (5, 30)
 """(connect, read) seconds per call: a hung API server must not hang a worker forever."""
 _RAW = {"_preload_content": False, "_request_timeout": REQUEST_TIMEOUT}
 """Every call: the raw JSON response (read with `_json`), and a timeout."""
+_LEASE_RAW = {"_preload_content": False, "_request_timeout": (2, 5)}
+"""Lease calls: the same, with a timeout well inside any sensible renew deadline."""
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,16 @@ class ApiCall:
     verb: str
 
 
+LEASE_CALLS: tuple[ApiCall, ...] = (
+    ApiCall("coordination.k8s.io", "leases", "get"),
+    ApiCall("coordination.k8s.io", "leases", "create"),
+    ApiCall("coordination.k8s.io", "leases", "patch"),
+)
+"""Leader election (leader.py), on one Lease in the operator's own namespace: the chart grants these in
+a Role there (on that Lease's name where RBAC can restrict by name), never cluster-wide."""
+
 API_CALLS: tuple[ApiCall, ...] = (
+    *LEASE_CALLS,
     ApiCall(API_GROUP, PLURAL, "get"),
     ApiCall(API_GROUP, f"{PLURAL}/status", "patch"),
     ApiCall("batch", "jobs", "list"),
@@ -50,12 +61,40 @@ API_CALLS: tuple[ApiCall, ...] = (
 )
 """What this module calls. kopf additionally lists and watches rloopruns and jobs (see handlers.py)."""
 
+OWNER_REFERENCE_PERMISSIONS: tuple[ApiCall, ...] = (ApiCall(API_GROUP, f"{PLURAL}/finalizers", "update"),)
+"""Not calls, but checked on one: a Job we create names its run as owner with `blockOwnerDeletion: true`
+(builders.py), and where the OwnerReferencesPermissionEnforcement admission plugin is on (OpenShift
+enables it) setting that needs `update` on the owner's `finalizers` subresource, or the create is
+Forbidden. The operator never writes finalizers itself."""
+
+
+class CreateRefused(Exception):
+    """The API server refused a create with a Status: its code, reason and message (which name the
+    field of an invalid object, or the quota exceeded)."""
+
+    def __init__(self, status: int, reason: str, message: str):
+        super().__init__(f"{status} {reason}: {message}")
+        self.status, self.reason, self.message = status, reason, message
+
+    @classmethod
+    def from_api(cls, err: ApiException) -> CreateRefused:
+        doc: Any = None
+        try:
+            doc = json.loads(err.body) if err.body else None
+        except (TypeError, ValueError):
+            doc = None
+        doc = doc if isinstance(doc, dict) else {}
+        message = doc.get("message") if isinstance(doc.get("message"), str) else str(err.reason or "")
+        reason = doc.get("reason") if isinstance(doc.get("reason"), str) else str(err.reason or "")
+        return cls(int(err.status or 0), reason, message)
+
 
 class KubeApi:
     def __init__(self, api_client: client.ApiClient):
         self._custom = client.CustomObjectsApi(api_client)
         self._batch = client.BatchV1Api(api_client)
         self._core = client.CoreV1Api(api_client)
+        self._coordination = client.CoordinationV1Api(api_client)
         self._instance = os.environ.get("HOSTNAME") or socket.gethostname()
 
     @classmethod
@@ -90,12 +129,15 @@ class KubeApi:
     # ----------------------------------------------------------------------------------------- writes
     def create_job(self, namespace: str, body: dict[str, Any]) -> dict[str, Any] | None:
         """The created Job, or None when a Job of that name already exists (the caller decides whether
-        that one is ours: it lists the run's Jobs on its next pass)."""
+        that one is ours: it lists the run's Jobs on its next pass). CreateRefused when the API server
+        answers with a Status (invalid, forbidden, over quota, unavailable)."""
         try:
             resp = self._batch.create_namespaced_job(namespace, body, **_RAW)
         except ApiException as err:
             if err.status == 409:
                 return None
+            if err.status in (400, 403, 422, 429) or (err.status or 0) >= 500:
+                raise CreateRefused.from_api(err) from None
             raise
         return _json(resp)
 
@@ -158,6 +200,39 @@ class KubeApi:
             log.warning(
                 "could not post event %s for %s/%s: %s", reason, namespace, meta.get("name"), err.reason
             )
+
+    # ----------------------------------------------------------------------------------------- leases
+    # leader.LeaseApi. Short timeouts: a renewal that hangs must not outlive the renew deadline.
+    def get_lease(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            resp = self._coordination.read_namespaced_lease(name, namespace, **_LEASE_RAW)
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise
+        return _json(resp)
+
+    def create_lease(self, namespace: str, body: dict[str, Any]) -> dict[str, Any] | None:
+        """The created Lease, or None when another replica created it first."""
+        try:
+            resp = self._coordination.create_namespaced_lease(namespace, body, **_LEASE_RAW)
+        except ApiException as err:
+            if err.status == 409:
+                return None
+            raise
+        return _json(resp)
+
+    def patch_lease(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any] | None:
+        """Merge-patch the Lease; None on 409 (the resourceVersion in `patch` is stale) or 404."""
+        try:
+            resp = self._coordination.patch_namespaced_lease(
+                name, namespace, patch, _content_type=MERGE_PATCH, **_LEASE_RAW
+            )
+        except ApiException as err:
+            if err.status in (404, 409):
+                return None
+            raise
+        return _json(resp)
 
 
 def _json(resp: Any) -> dict[str, Any]:

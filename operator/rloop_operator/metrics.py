@@ -19,6 +19,7 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     PlatformCollector,
     ProcessCollector,
@@ -91,6 +92,12 @@ class OperatorMetrics:
         )
         self.reconcile_errors = Counter(
             "rloop_reconcile_errors", "Reconcile passes that raised (retried with backoff).", registry=r
+        )
+        self.leader = Gauge(
+            "rloop_operator_leader",
+            "1 while this replica holds the leader Lease and reconciles (also when leader election is "
+            "off); 0 on a standby.",
+            registry=r,
         )
         self.queue_depth: Callable[[], float] = lambda: 0.0
         r.register(_RunCollector(self))

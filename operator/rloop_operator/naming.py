@@ -28,6 +28,13 @@ ANNOTATION_SUSPENDED = "rloop.dev/suspended"
 outside Kueue, are resumed: a Kueue-managed Job is suspended by Kueue itself until admitted, and
 resuming it would bypass the queue."""
 
+ANNOTATION_SPEC_GENERATION = "rloop.dev/spec-generation"
+"""metadata.generation of the run when the Job was made: a failure the spec caused (exit 2, a refused
+Job) holds only while the spec stays at that generation; any edit earns one more attempt."""
+ANNOTATION_ABANDONED = "rloop.dev/abandoned"
+"""Set, with the Job suspended, when its pod never ran within retry.pendingTimeoutSeconds: the attempt
+counts as failed from then on. JSON: {"time": RFC 3339, "reason": the pod's waiting reason, "message"}."""
+
 BASE_ITERATION = "base"
 """`rloop.dev/iteration` of base-policy stages (init, base eval), which belong to no iteration."""
 

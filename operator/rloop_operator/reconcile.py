@@ -24,10 +24,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from rloop.plan import Stage, dependencies, plan, policy_out
-from rloop.spec import RLoopRunSpec, RLoopRunStatus, SpecError, parse_spec
-from rloop_operator.builders import build_job
+from rloop.spec import RLoopRunSpec, RLoopRunStatus, SpecError, clean_line, parse_spec, spec_warnings
+from rloop_operator.builders import abandon_patch, build_job
 from rloop_operator.conditions import CONDITION_TYPES, get_condition, set_condition
-from rloop_operator.jobs import JobView, format_time, observe_jobs, parse_time, stage_order
+from rloop_operator.jobs import JobView, PodProblem, format_time, observe_jobs, parse_time, stage_order
 from rloop_operator.naming import job_name
 
 HISTORY_LIMIT = 20
@@ -43,6 +43,39 @@ FINISHED = "Finished"
 STAGE_STARTED = "StageStarted"
 EVENT_MESSAGE_MAX = 1000
 MISSING_STORAGE_URI = "spec.storage.uri: required when running on Kubernetes; set it to s3://bucket/prefix"
+SPEC_WARNING = "SpecWarning"
+"""Event reason of a setting the spec sets but its mode ignores (`rloop.spec.spec_warnings`)."""
+JOB_REJECTED = "JobRejected"
+"""Failed reason when the API server refused a stage Job as invalid: it holds until the spec changes."""
+REFUSED_REASONS = ("QuotaExceeded", "JobCreateForbidden", "JobCreateFailed")
+REFUSAL_BACKOFF_MAX_SECONDS = 600.0
+"""Cap of the delay between tries of a Job the API refused for now (quota, RBAC, an unavailable webhook)."""
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """The API server refused to create a stage Job (this pass)."""
+
+    status: int
+    """HTTP status: 400/422 invalid, 403 forbidden or over quota, 5xx/429 unavailable."""
+    reason: str
+    """The Status object's reason (Invalid, Forbidden, ...)."""
+    message: str
+    """The Status object's message, which names the field or the quota."""
+    retry_after: float = 30.0
+    """Seconds before trying again when the refusal is not permanent."""
+
+    @property
+    def permanent(self) -> bool:
+        """Invalid Jobs stay invalid until the spec (or the operator's settings) change."""
+        return self.status in (400, 422)
+
+    @property
+    def kind(self) -> str:
+        """Condition reason for a refusal that may pass."""
+        if self.status == 403 and "quota" in self.message.lower():
+            return "QuotaExceeded"
+        return "JobCreateForbidden" if self.status == 403 else "JobCreateFailed"
 
 Event = tuple[str, str, str]
 """(type, reason, message): type is Normal or Warning."""
@@ -65,6 +98,10 @@ class Observed:
     terminated_messages: dict[str, str]
     """Job name → the termination message of its finished pod (a JSON stage summary, or a log tail)."""
     now: datetime
+    pod_problems: dict[str, PodProblem] = field(default_factory=dict)
+    """Job name → why its pod is not running (only for unfinished Jobs whose pods were looked at)."""
+    refused: dict[str, Refusal] = field(default_factory=dict)
+    """Job name → why the API server refused to create it in this pass (the pass is then computed again)."""
 
 
 @dataclass
@@ -74,6 +111,8 @@ class Actions:
     create_jobs: list[dict[str, Any]] = field(default_factory=list)
     suspend_jobs: list[str] = field(default_factory=list)
     resume_jobs: list[str] = field(default_factory=list)
+    abandon_jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Job name → merge patch stopping an attempt whose pod never ran (retry.pendingTimeoutSeconds)."""
     status: dict[str, Any] = field(default_factory=dict)
     """The full new status (camelCase, as RLoopRunStatus dumps it)."""
     status_changed: bool = False
@@ -93,7 +132,7 @@ class _Decision:
     """What to do about one ready stage."""
 
     stage: Stage
-    kind: Literal["create", "running", "waiting", "failed"]
+    kind: Literal["create", "running", "waiting", "failed", "refused"]
     job: str
     """The Job to create, running, failed, or (waiting) to be created when `due`."""
     attempt: int
@@ -195,14 +234,40 @@ def retry_delay(spec: RLoopRunSpec, failures: int) -> float:
     return float(min(base * 2 ** max(failures - 1, 0), max(base, MAX_BACKOFF_SECONDS)))
 
 
-def _decide(name: str, spec: RLoopRunSpec, stage: Stage, views: list[JobView], now: datetime) -> _Decision:
+def _stale(view: JobView, generation: int | None) -> bool:
+    """A failure the spec caused, from a spec that has been edited since (any edit: even a revert)."""
+    return (
+        view.failure == "invalid"
+        and generation is not None
+        and view.generation is not None
+        and view.generation != generation
+    )
+
+
+def _decide(
+    name: str, spec: RLoopRunSpec, stage: Stage, views: list[JobView], now: datetime, generation: int | None = None
+) -> _Decision:
     if not views:
         return _Decision(stage, "create", job_name(name, stage, 0), 0)
     latest = views[-1]
     if not latest.finished:
-        return _Decision(stage, "running", latest.name, latest.attempt)
+        problem = latest.problem
+        return _Decision(stage, "running", latest.name, latest.attempt,
+                         reason="StagePending" if problem else "", message=problem.text() if problem else "")
     nxt = latest.attempt + 1
     if latest.state == "Succeeded":  # its output was invalidated since: make it again, now
+        return _Decision(stage, "create", job_name(name, stage, nxt), nxt)
+    if _stale(latest, generation):  # the spec changed since it was refused: try the new one, now
+        return _Decision(stage, "create", job_name(name, stage, nxt), nxt)
+    if latest.failure == "disrupted":  # evicted or preempted: not the stage's fault, restart at once
+        disruptions = sum(v.failure == "disrupted" for v in views)
+        if disruptions > spec.retry.disruption_limit:
+            return _Decision(
+                stage, "failed", latest.name, latest.attempt, reason="TooManyDisruptions",
+                message=f"stage {stage.id} was evicted or preempted {disruptions} time(s) "
+                f"(retry.disruptionLimit {spec.retry.disruption_limit}); last Job {latest.name}: {latest.detail}; "
+                "raise retry.disruptionLimit, or give the stage a higher priorityClassName",
+            )
         return _Decision(stage, "create", job_name(name, stage, nxt), nxt)
     if latest.failure == "invalid":
         return _Decision(
@@ -216,8 +281,10 @@ def _decide(name: str, spec: RLoopRunSpec, stage: Stage, views: list[JobView], n
         )
     failures = unavailable = 0  # in a row, since the stage last succeeded; outages counted apart
     for v in views:
-        if v.state != "Failed":
+        if v.state != "Failed" or _stale(v, generation):
             failures = unavailable = 0
+        elif v.failure == "disrupted":  # counted against retry.disruptionLimit instead
+            continue
         elif v.failure == "unavailable":
             unavailable += 1
         else:
@@ -260,6 +327,8 @@ def _record(v: JobView) -> dict[str, Any]:
         rec["endTime"] = v.end_time
     if v.detail:
         rec["message"] = v.detail
+    elif v.problem is not None:
+        rec["message"] = clean_line(f"not running: {v.problem.text()}", 300)
     return rec
 
 
@@ -360,7 +429,8 @@ def _conditions(
         table = {t: ("False", "Running", "") for t in CONDITION_TYPES}
         table["Ready"] = table["Succeeded"] = ("False", "Running", p.message)
         reason, message = progressing or ("StageRunning", p.message)
-        table["Progressing"] = ("True", reason, message)
+        # Not progressing while the API refuses the stage's Job (quota, RBAC): the run waits on someone.
+        table["Progressing"] = ("False" if reason in REFUSED_REASONS else "True", reason, message)
     current = [c for c in old if isinstance(c, dict) and c.get("type") in CONDITION_TYPES]
     for t in CONDITION_TYPES:
         status, reason, message = table[t]
@@ -397,18 +467,28 @@ def last_activity(views: list[JobView]) -> datetime | None:
 
 
 def _events(
-    old: dict[str, Any], new: dict[str, Any], views: list[JobView], created: list[_Decision]
+    old: dict[str, Any],
+    new: dict[str, Any],
+    views: list[JobView],
+    created: list[_Decision],
+    extra: list[Event] | None = None,
 ) -> list[Event]:
     """Events for what changed between the old and the new status, in causal order: Jobs that finished,
-    Jobs being created, then the run's own transitions."""
+    Jobs whose pod stopped running, Jobs being created (or refused: `extra`), then the run's own
+    transitions."""
     events: list[Event] = []
     for v in newly_finished(old, new, views):
         if v.state == "Succeeded":
             events.append(("Normal", "StageSucceeded", f"stage {v.stage.id}: Job {v.name} succeeded"))
         else:
             events.append(("Warning", "JobFailed", f"stage {v.stage.id}: Job {v.name} failed: {v.detail}"))
+    old_messages = {h.get("job"): h.get("message") for h in old.get("history") or [] if isinstance(h, dict)}
+    for v in views:
+        if v.problem is not None and not v.finished and old_messages.get(v.name) != _record(v).get("message"):
+            events.append(("Warning", "StagePending", f"stage {v.stage.id}: Job {v.name} is {_record(v)['message']}"))
     for d in created:
         events.append(("Normal", STAGE_STARTED, started_message(d.stage, d.job, d.attempt)))
+    events += extra or []
     old_conds = old.get("conditions") or []
 
     def flipped(t: str, status: str) -> dict[str, Any] | None:
@@ -436,7 +516,12 @@ def _events(
 
 
 def _finish(
-    old: dict[str, Any], new: dict[str, Any], views: list[JobView], created: list[_Decision], actions: Actions
+    old: dict[str, Any],
+    new: dict[str, Any],
+    views: list[JobView],
+    created: list[_Decision],
+    actions: Actions,
+    extra_events: list[Event] | None = None,
 ) -> Actions:
     actions.status = RLoopRunStatus.model_validate(new).to_wire()
     actions.status_changed = actions.status != _owned(old)
@@ -444,7 +529,7 @@ def _finish(
     actions.last_activity = last_activity(views)
     # Kubernetes caps an Event's message at 1 KiB.
     actions.events = [
-        (t, r, m[:EVENT_MESSAGE_MAX]) for t, r, m in _events(old, actions.status, views, created)
+        (t, r, m[:EVENT_MESSAGE_MAX]) for t, r, m in _events(old, actions.status, views, created, extra_events)
     ]
     return actions
 
@@ -462,6 +547,81 @@ def status_patch(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, A
     return patch
 
 
+def _after_refusal(d: _Decision, refusal: Refusal | None, now: datetime) -> _Decision:
+    """The decision to create a Job, once the API server refused it."""
+    if d.kind != "create" or refusal is None:
+        return d
+    if refusal.permanent:
+        return _Decision(
+            d.stage, "failed", d.job, d.attempt, reason=JOB_REJECTED,
+            message=f"stage {d.stage.id}: the API server refused Job {d.job} as invalid: {refusal.message}; "
+            "fix the field it names (spec.resources, spec.queueName, or the operator's stage image): "
+            "any edit of the spec makes the operator try again",
+        )
+    due = now + timedelta(seconds=min(refusal.retry_after, REFUSAL_BACKOFF_MAX_SECONDS))
+    return _Decision(d.stage, "waiting", d.job, d.attempt, due=due, reason=refusal.kind, message=refusal.message)
+
+
+def _still_rejected(conditions: list[dict[str, Any]], generation: int | None) -> str | None:
+    """The message of a JobRejected failure recorded at this generation (None when there is none)."""
+    failed = get_condition(conditions, "Failed")
+    if failed is None or failed.get("status") != "True" or failed.get("reason") != JOB_REJECTED:
+        return None
+    if generation is not None and failed.get("observedGeneration") != generation:
+        return None
+    return str(failed.get("message") or JOB_REJECTED)
+
+
+def _waiting_text(d: _Decision) -> str:
+    what = {
+        "StoreUnavailable": "could not reach the store",
+        "QuotaExceeded": "is over a ResourceQuota",
+        "JobCreateForbidden": "may not create its Job",
+        "JobCreateFailed": "could not create its Job",
+    }.get(d.reason, "failed")
+    detail = f" ({d.message[:200]})" if d.message else ""
+    return f"{d.stage.id} {what}; attempt {d.attempt} (Job {d.job}) starts at {format_time(d.due)}{detail}"
+
+
+def _abandon(spec: RLoopRunSpec, views: list[JobView], now: datetime) -> tuple[dict[str, dict[str, Any]], float | None]:
+    """Attempts whose pod has not run for retry.pendingTimeoutSeconds (Job name → patch stopping it), and
+    the seconds until the next one is due (None: none is waiting)."""
+    timeout = spec.retry.pending_timeout_seconds
+    out: dict[str, dict[str, Any]] = {}
+    wake: float | None = None
+    if timeout <= 0:
+        return out, None
+    for v in views:
+        if v.finished or v.suspended or v.problem is None:
+            continue
+        since = parse_time(v.problem.since) or parse_time(v.start_time) or parse_time(v.created) or now
+        left = (since + timedelta(seconds=timeout) - now).total_seconds()
+        if left <= 0:
+            out[v.name] = abandon_patch(
+                v.problem.reason,
+                f"{v.problem.message or 'the pod did not run'} (not running for {timeout} s, "
+                "retry.pendingTimeoutSeconds: the attempt was stopped)",
+                format_time(now),
+            )
+        else:
+            wake = left if wake is None else min(wake, left)
+    return out, wake
+
+
+def disruption_counts(views: list[JobView], old: dict[str, Any]) -> dict[str, int]:
+    """Per stage, attempts that ended in an eviction or preemption; counts of vanished Jobs are kept."""
+    counts: dict[str, int] = {}
+    for v in views:
+        if v.failure == "disrupted":
+            counts[v.stage.id] = counts.get(v.stage.id, 0) + 1
+    previous = old.get("disruptions")
+    if isinstance(previous, dict):
+        for sid, n in previous.items():
+            if isinstance(sid, str) and isinstance(n, int) and not isinstance(n, bool) and n > counts.get(sid, 0):
+                counts[sid] = n
+    return counts
+
+
 # ------------------------------------------------------------------------------------------- entry
 def run_uri_of(spec: RLoopRunSpec, namespace: str, name: str) -> str:
     """`<storage.uri>/<namespace>/<name>`, the same layout the local runner uses."""
@@ -476,7 +636,7 @@ def reconcile(obs: Observed, *, default_image: str) -> Actions:
     now_s = format_time(now)
     old = obs.status if isinstance(obs.status, dict) else {}
     old_conds = old.get("conditions") if isinstance(old.get("conditions"), list) else []
-    views = observe_jobs(obs.jobs or [], obs.name, obs.uid, obs.terminated_messages or {})
+    views = observe_jobs(obs.jobs or [], obs.name, obs.uid, obs.terminated_messages or {}, obs.pod_problems)
     gen = obs.generation
 
     try:
@@ -501,8 +661,22 @@ def reconcile(obs: Observed, *, default_image: str) -> Actions:
     recorded = _recorded(old)
     committed = committed_stages(spec, views, recorded)
     p = plan(spec, committed)
-    decisions = [_decide(obs.name, spec, s, by_stage.get(s.id, []), now) for s in p.ready]
+    decisions = [_decide(obs.name, spec, s, by_stage.get(s.id, []), now, gen) for s in p.ready]
+    refusal_events: list[Event] = []
+    if obs.refused:
+        decisions = [_after_refusal(d, obs.refused.get(d.job), now) for d in decisions]
+        refusal_events = [
+            ("Warning", d.reason, f"stage {d.stage.id}: the API server refused Job {d.job}: {d.message}")
+            for d in decisions if d.job in obs.refused and d.reason in REFUSED_REASONS
+        ]
+    if old.get("observedGeneration") != gen:  # once per spec generation: settings the mode ignores
+        refusal_events += [("Warning", SPEC_WARNING, w) for w in spec_warnings(spec)]
     failed = [d for d in decisions if d.kind == "failed"]
+    rejected = _still_rejected(old_conds, gen)
+    if rejected is not None and not failed and not p.finished:
+        # Refused as invalid in an earlier pass, and the spec has not changed since: trying again would
+        # be refused again. Any spec edit (a new generation) lifts this.
+        failed = [_Decision(p.ready[0], "failed", "", 0, reason=JOB_REJECTED, message=rejected)]
     progress = _progress(p.done, p.total)
 
     actions = Actions(progress=(p.done, p.total))
@@ -510,6 +684,9 @@ def reconcile(obs: Observed, *, default_image: str) -> Actions:
         actions.suspend_jobs = [v.name for v in views if not v.finished and not v.suspended]
     else:
         actions.resume_jobs = [v.name for v in views if not v.finished and v.suspended and v.resumable]
+        actions.abandon_jobs, wake = _abandon(spec, views, now)
+        if wake is not None:
+            actions.requeue_after = wake
 
     created: list[_Decision] = []
     progressing: tuple[str, str] | None = None
@@ -542,24 +719,26 @@ def reconcile(obs: Observed, *, default_image: str) -> Actions:
                     d.attempt,
                     run_uri=run_uri,
                     default_image=default_image,
+                    generation=gen,
                 )
                 for d in created
             ]
-            running = [f"{d.stage.id} (Job {d.job})" for d in decisions if d.kind in ("create", "running")]
+            active = [d for d in decisions if d.kind in ("create", "running")]
+            running = [f"{d.stage.id} (Job {d.job})" for d in active if d.reason != "StagePending"]
+            pending = [f"{d.stage.id} (Job {d.job}: {d.message[:200]})" for d in active if d.reason == "StagePending"]
             waiting = [d for d in decisions if d.kind == "waiting"]
             parts = [f"running {', '.join(running)}"] if running else []
-            parts += [
-                f"{d.stage.id} " + ("could not reach the store" if d.reason == "StoreUnavailable" else "failed")
-                + f"; attempt {d.attempt} (Job {d.job}) starts at {format_time(d.due)}"
-                + (f" ({d.message[:200]})" if d.message else "")
-                for d in waiting
-            ]
-            reason = "StageRunning" if running else "RetryBackoff"
-            if not running and waiting and all(d.reason == "StoreUnavailable" for d in waiting):
-                reason = "StoreUnavailable"
+            parts += [f"not running yet: {', '.join(pending)}"] if pending else []
+            parts += [_waiting_text(d) for d in waiting]
+            reason = "StageRunning" if running else "StagePending" if pending else "RetryBackoff"
+            if not active and waiting:
+                reasons = {d.reason for d in waiting}
+                if len(reasons) == 1 and reasons & {"StoreUnavailable", *REFUSED_REASONS}:
+                    reason = reasons.pop()
             progressing = (reason, "; ".join([*parts, progress]))
             if waiting:
-                actions.requeue_after = max(min((d.due - now).total_seconds() for d in waiting), 0.0)
+                due = max(min((d.due - now).total_seconds() for d in waiting), 0.0)
+                actions.requeue_after = due if actions.requeue_after is None else min(due, actions.requeue_after)
 
     new = {
         "observedGeneration": gen,
@@ -571,5 +750,6 @@ def reconcile(obs: Observed, *, default_image: str) -> Actions:
         "metrics": {**_old_metrics(old), **run_metrics(spec, views)},
         "artifacts": run_artifacts(spec, run_uri, committed),
         "committed": commit_records(committed, views, recorded),
+        "disruptions": disruption_counts(views, old),
     }
-    return _finish(old, new, views, created, actions)
+    return _finish(old, new, views, created, actions, refusal_events)

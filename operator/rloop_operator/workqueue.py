@@ -82,6 +82,9 @@ class WorkQueue:
 
     # ------------------------------------------------------------------------------------ consumers
     def start(self) -> None:
+        # Time before the start (a standby waiting for the leader Lease) is not time keys waited for
+        # a worker: /healthz must not read it as stuck.
+        self.last_progress = time.monotonic()
         self._tasks = [
             asyncio.create_task(self._work(), name=f"rloop-worker-{i}") for i in range(self._workers)
         ]

@@ -29,6 +29,7 @@ from rloop.contracts import (
     EXIT_STORE_UNAVAILABLE,
 )
 from rloop.plan import Stage
+from rloop.redact import redact_uris
 from rloop.stages.common import InputError, StageContext, write_termination_message
 from rloop.store import CorruptArtifact, Manifest, NotCommitted, StoreError, StoreUnavailable
 
@@ -55,27 +56,24 @@ def run_stage(run_uri: str, stage: Stage) -> int:
         module = importlib.import_module(f"rloop.stages.{stage.kind}")
         summary = module.run(ctx)
     except InputError as err:
-        print(f"rloop stage {stage.id}: invalid input: {err}", file=sys.stderr)
-        write_termination_message({"stage": stage.id, "error": ERROR_INVALID_INPUT, "message": str(err)[:1500]})
+        _report_failure(stage, "invalid input", err, ERROR_INVALID_INPUT)
         return EXIT_INVALID_INPUT
     except StoreUnavailable as err:
-        print(f"rloop stage {stage.id}: store unavailable, nothing was invalidated: {err}", file=sys.stderr)
-        write_termination_message({"stage": stage.id, "error": ERROR_STORE_UNAVAILABLE, "message": str(err)[:1500]})
+        _report_failure(stage, "store unavailable, nothing was invalidated", err, ERROR_STORE_UNAVAILABLE)
         return EXIT_STORE_UNAVAILABLE
     except CorruptArtifact as err:
         what = "input not committed yet" if isinstance(err, NotCommitted) else "corrupt input, invalidated for re-run"
-        print(f"rloop stage {stage.id}: {what}: {err}", file=sys.stderr)
-        write_termination_message({"stage": stage.id, "error": ERROR_CORRUPT_INPUT, "message": str(err)[:1500]})
+        _report_failure(stage, what, err, ERROR_CORRUPT_INPUT)
         return EXIT_CORRUPT_INPUT
     except StoreError as err:
-        print(f"rloop stage {stage.id}: store error: {err}", file=sys.stderr)
-        write_termination_message({"stage": stage.id, "error": ERROR_STORE, "message": str(err)[:1500]})
+        _report_failure(stage, "store error", err, ERROR_STORE)
         return 1
     except KeyboardInterrupt:
         print(f"rloop stage {stage.id}: interrupted; nothing was committed", file=sys.stderr)
         return 130
     except Exception:
-        traceback.print_exc()
+        # The log tail becomes the termination message of a crashed pod (FallbackToLogsOnError).
+        print(redact_uris(traceback.format_exc()), end="", file=sys.stderr)
         return 1
     summary = {"stage": stage.id, "seconds": round(time.time() - t0, 3), **summary,
                "manifest_sha256": _manifest_digest(ctx)}
@@ -83,6 +81,14 @@ def run_stage(run_uri: str, stage: Stage) -> int:
     print(f"rloop stage {stage.id}: committed in {summary['seconds']:.1f}s {json.dumps(_brief(summary))}",
           file=sys.stderr)
     return EXIT_OK
+
+
+def _report_failure(stage: Stage, what: str, err: BaseException, error: str) -> None:
+    """Say why the stage failed in its log and its termination message, without URI secrets (a data path
+    may be a presigned URL; botocore errors quote endpoints)."""
+    text = redact_uris(str(err))
+    print(f"rloop stage {stage.id}: {what}: {text}", file=sys.stderr)
+    write_termination_message({"stage": stage.id, "error": error, "message": text[:1500]})
 
 
 def _already_committed(ctx: StageContext) -> Manifest | None:

@@ -18,10 +18,15 @@ from rloop.contracts import (  # noqa: F401  (re-exported for the stages)
     EXIT_INVALID_INPUT,
     EXIT_OK,
     EXIT_STORE_UNAVAILABLE,
+    RUN_MANIFEST_FILE_ENV,
+    RUN_MANIFEST_LEGACY_ENV,
+    RUN_MANIFEST_SHA256_ENV,
+    manifest_sha256,
 )
 from rloop.plan import Stage
 from rloop.prompts import PromptFormat, PromptFormatError
-from rloop.spec import DatasetSpec, RLoopRun, SpecError, parse_run
+from rloop.redact import redact_uris
+from rloop.spec import MAX_SPEC_JSON, DatasetSpec, RLoopRun, SpecError, parse_run
 from rloop.store import CorruptArtifact, MissingArtifact, NotCommitted, RunStore
 
 
@@ -106,23 +111,65 @@ class StageContext:
             raise InputError(str(err)) from None
 
 
+MAX_RUN_MANIFEST_BYTES = MAX_SPEC_JSON + 4096
+"""The spec is at most MAX_SPEC_JSON as JSON; apiVersion, kind and metadata add well under 4 KiB."""
+
+
+def _run_manifest_from_env() -> tuple[str, str] | None:
+    """(where it came from, text) of the run manifest the executor passed, or None (`rloop run` wrote
+    spec.json itself). The operator passes a file (RLOOP_RUN_MANIFEST_FILE, a downward-API volume of the
+    pod's annotation) and its sha256 in env; the 0.1 operator passed the text in RLOOP_RUN_MANIFEST."""
+    path = os.environ.get(RUN_MANIFEST_FILE_ENV)
+    if not path:
+        text = os.environ.get(RUN_MANIFEST_LEGACY_ENV)
+        return (RUN_MANIFEST_LEGACY_ENV, text) if text else None
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_RUN_MANIFEST_BYTES + 1)
+    except OSError as err:
+        raise InputError(f"{RUN_MANIFEST_FILE_ENV}={path}: cannot be read ({err.strerror or err})") from None
+    if len(data) > MAX_RUN_MANIFEST_BYTES:
+        raise InputError(f"{path}: larger than {MAX_RUN_MANIFEST_BYTES} bytes; no valid RLoopRun is")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not UTF-8 text; expected the run manifest as JSON") from None
+    expected = os.environ.get(RUN_MANIFEST_SHA256_ENV)
+    if expected and manifest_sha256(text) != expected:
+        # Pod annotations can be edited after the Job was made; the pod's env cannot.
+        raise InputError(
+            f"{path} is not the manifest the operator made for this Job (its sha256 differs from "
+            f"{RUN_MANIFEST_SHA256_ENV}): the pod's rloop.dev/run-manifest annotation was edited; delete the "
+            "Job so that the operator makes a new one"
+        )
+    return path, text
+
+
 def _snapshot_spec_from_env(store: RunStore) -> None:
-    """On Kubernetes nobody runs `rloop run`: the operator passes the resolved manifest in
-    RLOOP_RUN_MANIFEST and the first stage snapshots it as spec.json. Later stages check that the
+    """On Kubernetes nobody runs `rloop run`: the operator passes the resolved manifest (see
+    `_run_manifest_from_env`) and the first stage snapshots it as spec.json. Later stages check that the
     snapshot still agrees with it on every field that may not change mid-run."""
-    text = os.environ.get("RLOOP_RUN_MANIFEST")
-    if not text:
+    passed = _run_manifest_from_env()
+    if passed is None:
         return
+    where, text = passed
     try:
         run = parse_run(json.loads(text))
     except (ValueError, SpecError) as err:
-        raise InputError(f"RLOOP_RUN_MANIFEST is not a valid RLoopRun: {err}") from None
+        raise InputError(f"{where} is not a valid RLoopRun: {err}") from None
     if store.exists("spec.json"):
         from rloop.spec import immutable_changes
 
         changed = immutable_changes(parse_run(store.read_spec()).spec, run.spec)
         if changed:
-            raise InputError(f"{', '.join(changed)} changed since the run started; create a new RLoopRun instead")
+            # Either the spec was edited mid-run (the CRD's CEL rules refuse that on a real cluster) or
+            # a new RLoopRun reuses the name of one whose results are still in the store. Never mix them.
+            raise InputError(
+                f"{', '.join(changed)} {'differs' if len(changed) == 1 else 'differ'} from the spec that "
+                f"made the results already in {store.uri} "
+                "(an edited run, or an earlier RLoopRun of the same name); revert to that spec to resume "
+                "them, or use another metadata.name, or delete that store prefix to start over"
+            )
     store.write_spec(run.to_wire())
 
 
@@ -165,12 +212,25 @@ def parquet_bytes(rows: Iterable[dict[str, Any]]) -> bytes:
     return buf.getvalue()
 
 
+def _without_uri_secrets(value: Any) -> Any:
+    """`value` with every string in it passed through `redact_uris` (values, not the JSON text: cutting a
+    query out of JSON text could take an escaping backslash with it)."""
+    if isinstance(value, str):
+        return redact_uris(value)
+    if isinstance(value, dict):
+        return {k: _without_uri_secrets(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_without_uri_secrets(v) for v in value]
+    return value
+
+
 def write_termination_message(summary: dict[str, Any]) -> None:
     """Kubernetes reads a finished pod's termination message (max 4 KiB): the operator gets the stage
     summary from there without store credentials. Off unless RLOOP_TERMINATION_LOG is set."""
     path = os.environ.get("RLOOP_TERMINATION_LOG")
     if not path:
         return
+    summary = _without_uri_secrets(summary)  # the message reaches the run's status and Events
     text = json.dumps(summary, separators=(",", ":"), default=float)
     if len(text) > 4000:
         text = json.dumps({k: v for k, v in summary.items() if isinstance(v, int | float | str)})[:4000]

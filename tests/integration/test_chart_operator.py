@@ -1,6 +1,7 @@
 """The container the chart renders is the operator that works: its exact command, args and env (from
-`helm template` of charts/rloop with watchNamespace) run against the API emulator, serve /healthz, and
-reconcile a run in the watched namespace (Job image = the chart's stageImage) but not in another."""
+`helm template` of charts/rloop with watchNamespace) run against the API emulator, serve /healthz, take
+the leader Lease the chart names (in the release namespace), and reconcile a run in the watched
+namespace (Job image = the chart's stageImage) but not in another."""
 
 from __future__ import annotations
 
@@ -15,17 +16,18 @@ import yaml
 from helm_python import chart as helm
 
 from tests.helpers import small_doc
-from tests.k8s.apiserver import JOBS, RLOOPRUNS, start, wait_until
+from tests.k8s.apiserver import JOBS, LEASES, RLOOPRUNS, start, wait_until
 from tests.s3harness import free_ports
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 CHART = Path(__file__).resolve().parents[2] / "charts" / "rloop"
 WATCHED, OTHER = "ml-team", "elsewhere"
+RELEASE_NAMESPACE = "rloop-system"
 
 
 def rendered_container(values: dict) -> dict:
-    out = helm.Chart.load(CHART).render(values, name="rloop", namespace="rloop-system")
+    out = helm.Chart.load(CHART).render(values, name="rloop", namespace=RELEASE_NAMESPACE)
     deployment = yaml.safe_load(out["rloop/templates/deployment.yaml"])
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     return container
@@ -55,6 +57,7 @@ def test_rendered_operator_container_runs_and_serves_its_namespace(tmp_path: Pat
     env["RLOOP_OPERATOR_METRICS_HOST"] = "127.0.0.1"  # tests bind to localhost only
 
     server = start()
+    server.create_namespace(RELEASE_NAMESPACE)  # the operator's own (its Lease lives there)
     server.create_namespace(WATCHED)
     server.create_namespace(OTHER)
     env.update(server.env())
@@ -71,6 +74,12 @@ def test_rendered_operator_container_runs_and_serves_its_namespace(tmp_path: Pat
 
     try:
         wait_until(healthy, timeout=60, interval=0.1, message="the rendered operator's /healthz")
+        lease = wait_until(
+            lambda: server.get(LEASES, RELEASE_NAMESPACE, "rloop-operator"),
+            timeout=30,
+            message="the operator to take the chart's Lease",
+        )
+        assert lease["spec"]["holderIdentity"] and lease["spec"]["leaseDurationSeconds"] == 15
         server.create(RLOOPRUNS, run_doc("outside", OTHER), namespace=OTHER)
         server.create(RLOOPRUNS, run_doc("inside", WATCHED), namespace=WATCHED)
         job = wait_until(

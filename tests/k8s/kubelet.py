@@ -24,13 +24,23 @@ FallbackToLogsOnError` an empty message on failure falls back to the log tail.
 Env: plain `value` entries (with `$(VAR)` expansion, also in command/args), `valueFrom.secretKeyRef`,
 `configMapKeyRef`, `fieldRef` (metadata.name/namespace/uid/labels[...]/annotations[...]) and `envFrom`
 read from the emulator. A missing Secret/key that is not optional leaves the pod waiting with
-`CreateContainerConfigError` (retried every scan), as in a real cluster.
+`CreateContainerConfigError` (retried every scan), as in a real cluster; an image whose reference
+contains `does-not-exist` never pulls (`ImagePullBackOff`). Both: a Pod object with that waiting
+state, the Job `active: 1, ready: 0`.
+
+`evict(job)` evicts a Job's running pod: the process is killed, the Pod gets the `DisruptionTarget`
+condition, and the Job's `podFailurePolicy` onPodConditions rules decide (FailJob with the real
+Job controller's message, Ignore: a new pod, else counted).
 
 `translate(argv, container, job) -> argv` maps container commands to local ones
 (see `map_executables`). `instant=True` completes Jobs at once with exit 0 and a fixed (or computed)
 termination message, without running anything (for scale benchmarks).
 
-Not emulated: images, resources, node selection, volumes, multiple containers, parallelism > 1,
+Volumes: `downwardAPI` volumes (fieldRef items: metadata.name/namespace/uid/labels[...]/annotations[...])
+are written under the pod's directory; the process has no mount namespace, so an env value naming a
+path under such a volume's mountPath is rewritten to point there.
+
+Not emulated: images, resources, node selection, other volumes, multiple containers, parallelism > 1,
 indexed Jobs, pod `restartPolicy: OnFailure` restarts in place (a new pod is made instead).
 """
 
@@ -103,6 +113,10 @@ def expand(text: str, env: Mapping[str, str]) -> str:
 
 class _ConfigError(Exception):
     """A container's env cannot be resolved yet (CreateContainerConfigError)."""
+
+
+class _ImagePullError(Exception):
+    """A container's image cannot be pulled (ImagePullBackOff)."""
 
 
 @dataclass
@@ -182,6 +196,9 @@ class Kubelet:
         self._done: set[str] = set()  # Job uids with a final status written
         self._suspended: set[str] = set()  # Job uids whose Suspended condition we wrote
         self._not_before: dict[str, float] = {}  # Job uid -> monotonic time of the next pod (retries)
+        self._stuck_pods: dict[str, str] = {}  # Job uid -> name of its Pod waiting (config error, image pull)
+        self._evictions: set[tuple[str, str]] = set()  # (namespace, Job name) to evict on the next scan
+        self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -240,9 +257,53 @@ class Kubelet:
             self._wake.wait(timeout)
             self._wake.clear()
 
+    def evict(self, name: str, namespace: str = "default") -> None:
+        """Evict the running pod of Job `namespace/name` on the next scan (as the Eviction API would)."""
+        with self._lock:
+            self._evictions.add((namespace, name))
+        self._wake.set()
+
+    def _evict_requested(self, jobs: dict[str, Any]) -> None:
+        with self._lock:
+            wanted, self._evictions = self._evictions, set()
+        for uid in list(self._running):
+            meta = self._running[uid].job["metadata"]
+            if (meta["namespace"], meta["name"]) not in wanted:
+                continue
+            wanted.discard((meta["namespace"], meta["name"]))
+            running = self._running.pop(uid)
+            self._kill(running)
+            job = copy.deepcopy(jobs.get(uid) or running.job)
+            ns, pod_name = meta["namespace"], running.run.pod_name
+            self._finish_pod(running, exit_code=143, reason="Error")
+            now = _now()
+            self._patch_pod_status(ns, pod_name, {"conditions": [
+                {"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI",
+                 "message": "Eviction API: evicting", "lastTransitionTime": now}]})
+            self._after_disruption(job, running.record, pod_name)
+        with self._lock:
+            self._evictions |= wanted  # not running yet: evict once it runs
+
+    def _after_disruption(self, job: dict[str, Any], record: JobRecord, pod_name: str) -> None:
+        ns = job["metadata"]["namespace"]
+        for index, rule in enumerate((job.get("spec") or {}).get("podFailurePolicy", {}).get("rules") or []):
+            if any(c.get("type") == "DisruptionTarget" for c in rule.get("onPodConditions") or []):
+                if rule.get("action") == "FailJob":
+                    self._fail_job(job, record, "PodFailurePolicy",
+                                   f"Pod {ns}/{pod_name} has condition DisruptionTarget matching FailJob rule "
+                                   f"at index {index}")
+                    return
+                if rule.get("action") == "Ignore":
+                    self._patch_job_status(job, {"active": None, "ready": 0})
+                    self._not_before[job["metadata"]["uid"]] = time.monotonic() + self.retry_delay
+                    return
+        self._after_failure(job, record, self._container(job), 143, pod_name)
+
     def _scan(self) -> None:
         # Not copied (most are finished and skipped): a Job is deep-copied below before it is used.
         jobs = {j["metadata"]["uid"]: j for j in self.server.list(JOBS, self.namespace, copy_out=False)}
+        if self._evictions:
+            self._evict_requested(jobs)
         # Running processes: deleted / suspended / finished / past deadline.
         for uid in list(self._running):
             running = self._running[uid]
@@ -278,7 +339,7 @@ class Kubelet:
                 continue
             if (job.get("spec") or {}).get("suspend"):
                 if uid not in self._suspended:
-                    self._write_suspended(copy.deepcopy(job), None)
+                    self._write_suspended(copy.deepcopy(job), self._stuck_pods.pop(uid, None))
                 continue
             if self._not_before.get(uid, 0.0) > time.monotonic():
                 continue
@@ -340,6 +401,36 @@ class Kubelet:
                                                        ready=phase == "Running")],
             },
         }
+
+    def _mount_downward_api(self, job: Mapping[str, Any], container: Mapping[str, Any], pod_dir: Path,
+                            pod_name: str, env: dict[str, str]) -> dict[str, str]:
+        """Write the pod's downwardAPI volumes under `pod_dir`; `env` with paths under their mounts moved there."""
+        template = (job.get("spec") or {}).get("template") or {}
+        tmeta = template.get("metadata") or {}
+        pod_meta = {"name": pod_name, "namespace": job["metadata"]["namespace"], "uid": job["metadata"]["uid"]}
+        local: dict[str, Path] = {}
+        for volume in (template.get("spec") or {}).get("volumes") or []:
+            if "downwardAPI" not in volume:
+                continue
+            root = pod_dir / "volumes" / volume["name"]
+            for item in volume["downwardAPI"].get("items") or []:
+                path = (item.get("fieldRef") or {}).get("fieldPath", "")
+                if m := re.fullmatch(r"metadata\.(labels|annotations)\['(.+)'\]", path):
+                    value = str((tmeta.get(m.group(1)) or {}).get(m.group(2), ""))
+                else:
+                    value = str(pod_meta.get(path.removeprefix("metadata."), ""))
+                (root / item["path"]).parent.mkdir(parents=True, exist_ok=True)
+                (root / item["path"]).write_text(value)
+            local[volume["name"]] = root
+        moved = dict(env)
+        for mount in container.get("volumeMounts") or []:
+            if mount.get("name") not in local:
+                continue
+            mount_path = mount["mountPath"].rstrip("/")
+            for key, value in env.items():
+                if value == mount_path or value.startswith(mount_path + "/"):
+                    moved[key] = str(local[mount["name"]]) + value[len(mount_path):]
+        return moved
 
     def _resolve_env(self, job: Mapping[str, Any], container: Mapping[str, Any], pod_name: str) -> dict[str, str]:
         ns = job["metadata"]["namespace"]
@@ -418,16 +509,25 @@ class Kubelet:
         manifest = self._pod_manifest(job, container, "Pending", {"waiting": {"reason": "ContainerCreating"}})
         pod_name = manifest["metadata"]["name"]
         try:
+            if "does-not-exist" in str(container.get("image") or ""):
+                raise _ImagePullError(f'Back-off pulling image "{container.get("image")}"')
             env = self._resolve_env(job, container, pod_name)
-        except _ConfigError as e:
-            # As a real kubelet: the pod stays Pending (retried on the next scans).
+        except (_ConfigError, _ImagePullError) as e:
+            # As a real kubelet: the pod stays Pending, waiting (retried on the next scans).
             if not record.pods or record.pods[-1].pod_name != "<config-error>":
                 record.pods.append(PodRun("<config-error>", [], self.workdir / "none", message=str(e)))
+                reason = "ImagePullBackOff" if isinstance(e, _ImagePullError) else "CreateContainerConfigError"
+                stuck = self._pod_manifest(job, container, "Pending", {"waiting": {"reason": reason,
+                                                                                   "message": str(e)}})
+                self.server.create(PODS, stuck, ns)
+                self._stuck_pods[meta["uid"]] = stuck["metadata"]["name"]
                 self._patch_job_status(job, {"startTime": (job.get("status") or {}).get("startTime") or _now(),
-                                             "active": 1})
+                                             "active": 1, "ready": 0})
             return
         if record.pods and record.pods[-1].pod_name == "<config-error>":
             record.pods.pop()
+            with contextlib.suppress(Exception):
+                self.server.delete(PODS, ns, self._stuck_pods.pop(meta["uid"]))
 
         argv = [expand(str(a), env) for a in (container.get("command") or []) + (container.get("args") or [])]
         if not argv:
@@ -441,7 +541,7 @@ class Kubelet:
         log_path = pod_dir / "log.txt"
         full_env = dict(os.environ) if self.inherit_env else {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
         full_env.update(self.extra_env)
-        full_env.update(env)
+        full_env.update(self._mount_downward_api(job, container, pod_dir, pod_name, env))
         full_env["RLOOP_TERMINATION_LOG"] = str(term_path)
         full_env["HOSTNAME"] = pod_name
 

@@ -15,6 +15,14 @@ from tests.k8s.apiserver import Server, wait_until
 from tests.s3harness import free_ports
 
 IMAGE = "rloop/trainer:test"
+LEASE_ENV = {
+    # Leader election stays on (as in the chart), with short timings: a restarted operator (a new
+    # identity) waits out the killed one's Lease, and 3 s keeps that short.
+    "RLOOP_OPERATOR_LEASE_NAMESPACE": "default",
+    "RLOOP_OPERATOR_LEASE_DURATION_SECONDS": "3",
+    "RLOOP_OPERATOR_RENEW_DEADLINE_SECONDS": "2",
+    "RLOOP_OPERATOR_RETRY_PERIOD_SECONDS": "0.5",
+}
 
 
 class OperatorProcess:
@@ -53,8 +61,9 @@ class OperatorProcess:
             RLOOP_OPERATOR_METRICS_PORT=str(self.port),
             RLOOP_OPERATOR_WORKERS=str(self.workers),
             PYTHONUNBUFFERED="1",
-            **self.extra_env,
         )
+        env.update(LEASE_ENV)
+        env.update(self.extra_env)
         self.starts += 1
         log = self.log_path.open("a")
         log.write(f"\n===== operator start #{self.starts} =====\n")
@@ -96,6 +105,15 @@ class OperatorProcess:
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
+
+    def pause(self) -> None:
+        """SIGSTOP: the process is frozen (a long GC pause, a partitioned node) but not gone."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGCONT)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -43,3 +43,8 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- define "rloop.watchNamespace" -}}
 {{- .Values.watchNamespace -}}
 {{- end -}}
+
+{{/* The leader-election Lease (in the release namespace): one per release. */}}
+{{- define "rloop.leaseName" -}}
+{{- include "rloop.fullname" . -}}
+{{- end -}}

@@ -4,6 +4,7 @@ scheduling with field-wise fallback, Kueue, ownership, hardening, podFailurePoli
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from typing import Any
 
@@ -103,7 +104,7 @@ def test_retries_belong_to_the_operator_and_bad_input_fails_fast():
     assert "ttlSecondsAfterFinished" not in spec
     assert pod({"spec": spec})["restartPolicy"] == "Never"  # podFailurePolicy requires it
     rules = spec["podFailurePolicy"]["rules"]
-    assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]} in rules
+    assert rules[0] == {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
     assert {
         "action": "FailJob",
         "onExitCodes": {"containerName": "stage", "operator": "In", "values": [EXIT_INVALID_INPUT]},
@@ -131,28 +132,63 @@ def test_s3_credentials_come_from_the_secret():
     }
 
 
-def test_the_job_carries_the_resolved_run_manifest():
+def test_the_job_carries_the_resolved_run_manifest_as_a_file_pinned_by_its_digest():
     spec = spec_of()
-    run = parse_run(json.loads(env_of(job_for(spec))["RLOOP_RUN_MANIFEST"]))
+    job = job_for(spec)
+    text = job["spec"]["template"]["metadata"]["annotations"]["rloop.dev/run-manifest"]
+    run = parse_run(json.loads(text))
     assert (run.metadata.name, run.metadata.namespace) == ("tiny", "team-a")
     assert run.spec == spec
+    env = env_of(job)
+    assert "RLOOP_RUN_MANIFEST" not in env
+    assert env["RLOOP_RUN_MANIFEST_SHA256"] == hashlib.sha256(text.encode()).hexdigest()
+    volume = next(v for v in pod(job)["volumes"] if "downwardAPI" in v)
+    (item,) = volume["downwardAPI"]["items"]
+    assert item["fieldRef"] == {"fieldPath": "metadata.annotations['rloop.dev/run-manifest']"}
+    mount = next(m for m in container(job)["volumeMounts"] if m["name"] == volume["name"])
+    assert env["RLOOP_RUN_MANIFEST_FILE"] == f"{mount['mountPath']}/{item['path']}" and mount["readOnly"]
 
 
 def test_gpu_cpu_memory():
     spec = spec_of(resources={"default": {"cpu": "2", "memory": "8Gi"}, "rl": {"gpus": 2, "memory": "64Gi"}})
     rl = job_for(spec, Stage("rl", 0))
+    scratch = "50Gi"  # DEFAULT_EPHEMERAL_STORAGE
     assert container(rl)["resources"] == {
-        "requests": {"cpu": "2", "memory": "64Gi", "nvidia.com/gpu": "2"},
-        "limits": {"memory": "64Gi", "nvidia.com/gpu": "2"},
+        "requests": {"ephemeral-storage": scratch, "cpu": "2", "memory": "64Gi", "nvidia.com/gpu": "2"},
+        "limits": {"ephemeral-storage": scratch, "memory": "64Gi", "nvidia.com/gpu": "2"},
     }
-    assert {"name": "dshm", "emptyDir": {"medium": "Memory"}} in pod(rl)["volumes"]
+    # /dev/shm is memory: bounded by the pod's memory
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "64Gi"}} in pod(rl)["volumes"]
     verify = job_for(spec, Stage("verify", 0))
     assert container(verify)["resources"] == {
-        "requests": {"cpu": "2", "memory": "8Gi"},
-        "limits": {"memory": "8Gi"},
+        "requests": {"ephemeral-storage": scratch, "cpu": "2", "memory": "8Gi"},
+        "limits": {"ephemeral-storage": scratch, "memory": "8Gi"},
     }
-    assert [v["name"] for v in pod(verify)["volumes"]] == ["tmp"]
-    assert container(job_for(spec_of(), Stage("init")))["resources"] == {}
+    assert "dshm" not in [v["name"] for v in pod(verify)["volumes"]]  # no GPUs: no shared memory
+    assert container(job_for(spec_of(), Stage("init")))["resources"] == {
+        "requests": {"ephemeral-storage": scratch}, "limits": {"ephemeral-storage": scratch}
+    }
+
+
+def test_scratch_space_and_shm_are_sized_and_deadlines_set_per_stage_kind():
+    spec = spec_of(resources={
+        "default": {"ephemeralStorage": "100Gi"},
+        "rl": {"gpus": 8, "shmSize": "32Gi", "activeDeadlineSeconds": 172800},
+        "eval": {"gpus": 1},
+    })
+    rl = job_for(spec, Stage("rl", 0))
+    assert rl["spec"]["activeDeadlineSeconds"] == 172800
+    assert {"name": "tmp", "emptyDir": {"sizeLimit": "100Gi"}} in pod(rl)["volumes"]
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "32Gi"}} in pod(rl)["volumes"]
+    assert container(rl)["resources"]["requests"]["ephemeral-storage"] == "100Gi"
+    evaluation = job_for(spec, Stage("eval", 0, eval_set="heldout"))
+    assert "activeDeadlineSeconds" not in evaluation["spec"]  # unset: no deadline
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "16Gi"}} in pod(evaluation)["volumes"]
+
+
+def test_the_job_records_the_spec_generation_it_was_made_from():
+    assert job_for(spec_of(), generation=7)["metadata"]["annotations"] == {"rloop.dev/spec-generation": "7"}
+    assert "annotations" not in job_for(spec_of())["metadata"]
 
 
 def test_scheduling_falls_back_field_by_field_to_the_default():
@@ -222,7 +258,7 @@ def test_hardened_pod():
         "readOnlyRootFilesystem": True,
     }
     assert {"name": "tmp", "mountPath": "/tmp"} in container(job)["volumeMounts"]
-    assert {"name": "tmp", "emptyDir": {}} in pod(job)["volumes"]
+    assert {"name": "tmp", "emptyDir": {"sizeLimit": "50Gi"}} in pod(job)["volumes"]
     assert pod(job)["automountServiceAccountToken"] is False
     assert container(job)["ports"] == [{"name": "metrics", "containerPort": 9400, "protocol": "TCP"}]
 

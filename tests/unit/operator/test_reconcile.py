@@ -55,10 +55,11 @@ def spec_with(**patch: Any) -> dict[str, Any]:
     return doc
 
 
-def made(stage: Stage, attempt: int = 0, spec: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A Job as the operator creates it and the API returns it (no status yet)."""
+def made(stage: Stage, attempt: int = 0, spec: dict[str, Any] | None = None, generation: int = 1) -> dict[str, Any]:
+    """A Job as the operator creates it and the API returns it (no status yet), at run generation 1."""
     job = build_job(
-        RUN, NS, UID, parse_spec(spec or SPEC), stage, attempt, run_uri=RUN_URI, default_image=IMAGE
+        RUN, NS, UID, parse_spec(spec or SPEC), stage, attempt, run_uri=RUN_URI, default_image=IMAGE,
+        generation=generation,
     )
     job["metadata"]["creationTimestamp"] = ts(-3600)
     return job

@@ -23,6 +23,12 @@ def test_every_field_has_a_variable_and_values_are_typed() -> None:
         "RLOOP_OPERATOR_WORKERS": "3",
         "RLOOP_OPERATOR_RESYNC_SECONDS": "2.5",
         "RLOOP_OPERATOR_STUCK_SECONDS": "30",
+        "RLOOP_OPERATOR_LEADER_ELECTION": "false",
+        "RLOOP_OPERATOR_LEASE_NAME": "team-a-rloop",
+        "RLOOP_OPERATOR_LEASE_NAMESPACE": "rloop-system",
+        "RLOOP_OPERATOR_LEASE_DURATION_SECONDS": "3",
+        "RLOOP_OPERATOR_RENEW_DEADLINE_SECONDS": "2",
+        "RLOOP_OPERATOR_RETRY_PERIOD_SECONDS": "0.5",
     }
     assert {ENV_PREFIX + f.upper() for f in OperatorSettings.model_fields} == set(env)
     s = load_settings(env)
@@ -33,6 +39,12 @@ def test_every_field_has_a_variable_and_values_are_typed() -> None:
         "workers": 3,
         "resync_seconds": 2.5,
         "stuck_seconds": 30.0,
+        "leader_election": False,
+        "lease_name": "team-a-rloop",
+        "lease_namespace": "rloop-system",
+        "lease_duration_seconds": 3,
+        "renew_deadline_seconds": 2.0,
+        "retry_period_seconds": 0.5,
     }
     assert isinstance(s.metrics_port, int) and isinstance(s.stuck_seconds, float)
 
@@ -63,6 +75,11 @@ def test_the_process_environment_is_the_default(monkeypatch: pytest.MonkeyPatch)
         ("RESYNC_SECONDS", ""),
         ("STUCK_SECONDS", "nan"),
         ("IMAGE", ""),
+        ("LEADER_ELECTION", "maybe"),
+        ("LEASE_NAME", "Not_A_Name"),
+        ("LEASE_NAMESPACE", "Bad.Namespace"),
+        ("LEASE_DURATION_SECONDS", "0"),
+        ("RENEW_DEADLINE_SECONDS", "0"),
     ],
 )
 def test_a_bad_value_raises_value_error_naming_the_variable(name: str, value: str) -> None:
@@ -73,6 +90,27 @@ def test_a_bad_value_raises_value_error_naming_the_variable(name: str, value: st
     assert f"RLOOP_OPERATOR_{name}={value!r}: " in message
     assert not isinstance(info.value, pydantic.ValidationError)  # a plain error for the start-up log
     assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+def test_leader_election_is_on_by_default_with_client_go_timings() -> None:
+    s = load_settings({})
+    assert s.leader_election is True and (s.lease_name, s.lease_namespace) == ("rloop-operator", "")
+    assert (s.lease_duration_seconds, s.renew_deadline_seconds, s.retry_period_seconds) == (15, 10.0, 2.0)
+
+
+@pytest.mark.parametrize(
+    "retry, renew, lease",
+    [("2", "10", "10"), ("2", "12", "10"), ("10", "10", "15"), ("3", "2", "15")],
+)
+def test_leader_timings_must_nest(retry: str, renew: str, lease: str) -> None:
+    """retry period < renew deadline < lease duration, or a leader could act after a standby took over."""
+    env = {
+        "RLOOP_OPERATOR_RETRY_PERIOD_SECONDS": retry,
+        "RLOOP_OPERATOR_RENEW_DEADLINE_SECONDS": renew,
+        "RLOOP_OPERATOR_LEASE_DURATION_SECONDS": lease,
+    }
+    with pytest.raises(ValueError, match="RETRY_PERIOD_SECONDS < RLOOP_OPERATOR_RENEW_DEADLINE_SECONDS <"):
+        load_settings(env)
 
 
 def test_every_bad_variable_is_named_at_once() -> None:

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from rloop_operator.handlers import Runtime
+from rloop_operator.metrics import OperatorMetrics
 from rloop_operator.settings import OperatorSettings
 from rloop_operator.workqueue import WorkQueue
 
@@ -245,10 +246,9 @@ async def test_stop_cancels_passes_in_flight_and_pending_timers() -> None:
 async def test_health_after_an_idle_spell_and_when_stuck() -> None:
     h = Recorder(block=("a",))
     q = WorkQueue(h, workers=1)
-    runtime = Runtime(OperatorSettings(stuck_seconds=60), None, q)  # type: ignore[arg-type]
-    assert runtime.healthy() == (False, "reconcile workers stopped")
+    runtime = Runtime(OperatorSettings(stuck_seconds=60), None, q, OperatorMetrics(), None)  # type: ignore[arg-type]
     before = q.last_progress
-    q.start()
+    runtime.start_acting()
     await until(lambda: q.last_progress != before)  # the worker found the queue empty and waits
     q.last_progress -= 3600  # an hour without events
     q.add("a")
@@ -263,3 +263,38 @@ async def test_health_after_an_idle_spell_and_when_stuck() -> None:
     assert runtime.healthy() == (True, "ok")
     await q.stop()
     assert runtime.healthy()[0] is False
+
+
+@pytest.mark.asyncio
+async def test_a_standby_is_healthy_with_keys_queued_and_acts_only_once_it_leads() -> None:
+    """A standby queues keys for as long as another replica leads: that is not "stuck". When it starts
+    leading, the wait before does not count as time keys waited for a worker."""
+    h = Recorder()
+    q = WorkQueue(h, workers=1)
+    metrics = OperatorMetrics()
+    runtime = Runtime(OperatorSettings(stuck_seconds=60), None, q, metrics, None)  # type: ignore[arg-type]
+    runtime.election = asyncio.create_task(asyncio.sleep(3600))
+    q.add(("ns", "a"))
+    q.add(("ns", "b"))
+    q.last_progress -= 3600
+    assert runtime.healthy() == (True, "ok") and h.keys == []
+    runtime.start_acting()
+    assert metrics.leader._value.get() == 1
+    await until(lambda: sorted(h.keys) == [("ns", "a"), ("ns", "b")])
+    assert runtime.healthy() == (True, "ok")
+    await q.stop()
+    runtime.election.cancel()
+
+
+@pytest.mark.asyncio
+async def test_a_standby_whose_election_loop_died_is_unhealthy() -> None:
+    runtime = Runtime(OperatorSettings(), None, WorkQueue(Recorder()), OperatorMetrics(), None)  # type: ignore[arg-type]
+
+    async def crashed() -> None:
+        raise RuntimeError("boom")
+
+    runtime.election = asyncio.create_task(crashed())
+    await asyncio.sleep(0)
+    assert runtime.healthy() == (False, "leader election stopped")
+    with pytest.raises(RuntimeError):
+        await runtime.election
