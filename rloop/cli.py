@@ -20,9 +20,9 @@ from rloop.redact import redact_uris
 
 
 def _cmd_run(args) -> int:
+    from rloop.manifests import load_run
     from rloop.report import collect, iteration_table, write_report
     from rloop.runner import DEFAULT_STORE, RunFailed, run_local
-    from rloop.spec import load_run
 
     run = load_run(args.file)
     _warn(run)
@@ -107,7 +107,7 @@ def _warn(run) -> None:
 
 
 def _cmd_validate(args) -> int:
-    from rloop.spec import load_run
+    from rloop.manifests import load_run
 
     run = load_run(args.file)
     _warn(run)

@@ -150,7 +150,7 @@ def _run_child(cmd: list[str]) -> int:
 def resolve_run(arg: str, store_uri: str | None = None) -> RunStore:
     """A run from a run URI/directory (`.../<namespace>/<name>`), a manifest file, or a bare name."""
     if arg.endswith((".yaml", ".yml")) and os.path.exists(arg):
-        from rloop.spec import load_run
+        from rloop.manifests import load_run
 
         run = load_run(arg)
         return RunStore(store_uri or run.spec.storage.uri or DEFAULT_STORE, run.metadata.namespace, run.metadata.name)

@@ -17,6 +17,7 @@ from typing import Any
 
 from rloop.redact import redact_uris
 from rloop_operator.builders import CONTAINER, resume_patch, suspend_patch
+from rloop_operator.faults import REFUSAL_BACKOFF_MAX_SECONDS, Refusal
 from rloop_operator.jobs import (
     JobView,
     PodProblem,
@@ -33,15 +34,7 @@ from rloop_operator.jobs import (
 from rloop_operator.k8s import CreateRefused, KubeApi
 from rloop_operator.metrics import OperatorMetrics, RunKey, RunState
 from rloop_operator.naming import parse_job_labels, run_selector
-from rloop_operator.reconcile import (
-    REFUSAL_BACKOFF_MAX_SECONDS,
-    Actions,
-    Observed,
-    Refusal,
-    reconcile,
-    status_patch,
-    without_started,
-)
+from rloop_operator.reconcile import Actions, Observed, reconcile, status_patch, without_started
 from rloop_operator.settings import OperatorSettings
 
 log = logging.getLogger(__name__)

@@ -25,8 +25,17 @@ from typing import Any, Literal
 
 from rloop.plan import Stage, dependencies, plan, policy_out
 from rloop.spec import RLoopRunSpec, RLoopRunStatus, SpecError, clean_line, parse_spec, spec_warnings
-from rloop_operator.builders import abandon_patch, build_job
+from rloop_operator.builders import build_job
 from rloop_operator.conditions import CONDITION_TYPES, get_condition, set_condition
+from rloop_operator.faults import (
+    JOB_REJECTED,
+    REFUSAL_BACKOFF_MAX_SECONDS,
+    REFUSED_REASONS,
+    Refusal,
+    abandonments,
+    disruption_counts,
+    still_rejected,
+)
 from rloop_operator.jobs import JobView, PodProblem, format_time, observe_jobs, parse_time, stage_order
 from rloop_operator.naming import job_name
 
@@ -45,38 +54,6 @@ EVENT_MESSAGE_MAX = 1000
 MISSING_STORAGE_URI = "spec.storage.uri: required when running on Kubernetes; set it to s3://bucket/prefix"
 SPEC_WARNING = "SpecWarning"
 """Event reason of a setting the spec sets but its mode ignores (`rloop.spec.spec_warnings`)."""
-JOB_REJECTED = "JobRejected"
-"""Failed reason when the API server refused a stage Job as invalid: it holds until the spec changes."""
-REFUSED_REASONS = ("QuotaExceeded", "JobCreateForbidden", "JobCreateFailed")
-REFUSAL_BACKOFF_MAX_SECONDS = 600.0
-"""Cap of the delay between tries of a Job the API refused for now (quota, RBAC, an unavailable webhook)."""
-
-
-@dataclass(frozen=True)
-class Refusal:
-    """The API server refused to create a stage Job (this pass)."""
-
-    status: int
-    """HTTP status: 400/422 invalid, 403 forbidden or over quota, 5xx/429 unavailable."""
-    reason: str
-    """The Status object's reason (Invalid, Forbidden, ...)."""
-    message: str
-    """The Status object's message, which names the field or the quota."""
-    retry_after: float = 30.0
-    """Seconds before trying again when the refusal is not permanent."""
-
-    @property
-    def permanent(self) -> bool:
-        """Invalid Jobs stay invalid until the spec (or the operator's settings) change."""
-        return self.status in (400, 422)
-
-    @property
-    def kind(self) -> str:
-        """Condition reason for a refusal that may pass."""
-        if self.status == 403 and "quota" in self.message.lower():
-            return "QuotaExceeded"
-        return "JobCreateForbidden" if self.status == 403 else "JobCreateFailed"
-
 Event = tuple[str, str, str]
 """(type, reason, message): type is Normal or Warning."""
 
@@ -562,16 +539,6 @@ def _after_refusal(d: _Decision, refusal: Refusal | None, now: datetime) -> _Dec
     return _Decision(d.stage, "waiting", d.job, d.attempt, due=due, reason=refusal.kind, message=refusal.message)
 
 
-def _still_rejected(conditions: list[dict[str, Any]], generation: int | None) -> str | None:
-    """The message of a JobRejected failure recorded at this generation (None when there is none)."""
-    failed = get_condition(conditions, "Failed")
-    if failed is None or failed.get("status") != "True" or failed.get("reason") != JOB_REJECTED:
-        return None
-    if generation is not None and failed.get("observedGeneration") != generation:
-        return None
-    return str(failed.get("message") or JOB_REJECTED)
-
-
 def _waiting_text(d: _Decision) -> str:
     what = {
         "StoreUnavailable": "could not reach the store",
@@ -581,45 +548,6 @@ def _waiting_text(d: _Decision) -> str:
     }.get(d.reason, "failed")
     detail = f" ({d.message[:200]})" if d.message else ""
     return f"{d.stage.id} {what}; attempt {d.attempt} (Job {d.job}) starts at {format_time(d.due)}{detail}"
-
-
-def _abandon(spec: RLoopRunSpec, views: list[JobView], now: datetime) -> tuple[dict[str, dict[str, Any]], float | None]:
-    """Attempts whose pod has not run for retry.pendingTimeoutSeconds (Job name → patch stopping it), and
-    the seconds until the next one is due (None: none is waiting)."""
-    timeout = spec.retry.pending_timeout_seconds
-    out: dict[str, dict[str, Any]] = {}
-    wake: float | None = None
-    if timeout <= 0:
-        return out, None
-    for v in views:
-        if v.finished or v.suspended or v.problem is None:
-            continue
-        since = parse_time(v.problem.since) or parse_time(v.start_time) or parse_time(v.created) or now
-        left = (since + timedelta(seconds=timeout) - now).total_seconds()
-        if left <= 0:
-            out[v.name] = abandon_patch(
-                v.problem.reason,
-                f"{v.problem.message or 'the pod did not run'} (not running for {timeout} s, "
-                "retry.pendingTimeoutSeconds: the attempt was stopped)",
-                format_time(now),
-            )
-        else:
-            wake = left if wake is None else min(wake, left)
-    return out, wake
-
-
-def disruption_counts(views: list[JobView], old: dict[str, Any]) -> dict[str, int]:
-    """Per stage, attempts that ended in an eviction or preemption; counts of vanished Jobs are kept."""
-    counts: dict[str, int] = {}
-    for v in views:
-        if v.failure == "disrupted":
-            counts[v.stage.id] = counts.get(v.stage.id, 0) + 1
-    previous = old.get("disruptions")
-    if isinstance(previous, dict):
-        for sid, n in previous.items():
-            if isinstance(sid, str) and isinstance(n, int) and not isinstance(n, bool) and n > counts.get(sid, 0):
-                counts[sid] = n
-    return counts
 
 
 # ------------------------------------------------------------------------------------------- entry
@@ -672,7 +600,7 @@ def reconcile(obs: Observed, *, default_image: str) -> Actions:
     if old.get("observedGeneration") != gen:  # once per spec generation: settings the mode ignores
         refusal_events += [("Warning", SPEC_WARNING, w) for w in spec_warnings(spec)]
     failed = [d for d in decisions if d.kind == "failed"]
-    rejected = _still_rejected(old_conds, gen)
+    rejected = still_rejected(old_conds, gen)
     if rejected is not None and not failed and not p.finished:
         # Refused as invalid in an earlier pass, and the spec has not changed since: trying again would
         # be refused again. Any spec edit (a new generation) lifts this.
@@ -684,7 +612,7 @@ def reconcile(obs: Observed, *, default_image: str) -> Actions:
         actions.suspend_jobs = [v.name for v in views if not v.finished and not v.suspended]
     else:
         actions.resume_jobs = [v.name for v in views if not v.finished and v.suspended and v.resumable]
-        actions.abandon_jobs, wake = _abandon(spec, views, now)
+        actions.abandon_jobs, wake = abandonments(spec, views, now)
         if wake is not None:
             actions.requeue_after = wake
 

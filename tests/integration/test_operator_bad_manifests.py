@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from rloop.spec import read_manifest
+from rloop.manifests import read_manifest
 from tests.integration.test_operator_e2e import (
     NS,
     Cluster,

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from rloop.cli import main
-from rloop.spec import MAX_MANIFEST_BYTES, SpecError, load_run, parse_spec, read_manifest
+from rloop.manifests import load_run, read_manifest
+from rloop.spec import MAX_MANIFEST_BYTES, SpecError, parse_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 CORPUS = ROOT / "tests" / "data" / "bad-manifests"
@@ -170,7 +171,7 @@ def test_the_pure_python_yaml_parser_gives_the_same_verdict(case: Case) -> None:
     documents it does load are the same."""
     import yaml
 
-    from rloop.spec import _manifest_loader, load_yaml
+    from rloop.manifests import _manifest_loader, load_yaml
 
     try:
         text = case.path.read_bytes().decode("utf-8")

@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from rloop import crd
-from rloop.spec import RLoopRunSpec, load_run
+from rloop.manifests import load_run
+from rloop.spec import RLoopRunSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))

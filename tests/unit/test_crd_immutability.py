@@ -16,7 +16,8 @@ import celpy
 import pytest
 
 from rloop.crd import build_crd, immutable_paths
-from rloop.spec import MUTABLE_FIELDS, immutable_wire_changes, load_run
+from rloop.manifests import load_run
+from rloop.spec import MUTABLE_FIELDS, immutable_wire_changes
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -217,3 +217,26 @@ def test_engine_keeps_no_full_vocabulary_logits(policy, monkeypatch):
     config = seen["generation_config"]
     assert not config.output_logits and not config.output_scores
     assert not seen.get("output_logits") and not seen.get("output_scores")
+
+
+def test_vllm_engine_choice_and_missing_package(policy, monkeypatch):
+    """`loop.rollout.engine` parses with CPU-safe vLLM defaults; without the vllm package make_engine('vllm')
+    fails with the fix in the message (the real engine is tested in tests/vllm, inside .venv-vllm)."""
+    import builtins
+
+    from rloop.spec import LoopSpec
+
+    ro = LoopSpec.model_validate({"rollout": {"engine": "vllm", "vllm": {"kvCacheGib": 2, "maxModelLen": 2048}}}).rollout
+    assert (ro.engine, ro.vllm.kv_cache_gib, ro.vllm.max_model_len, ro.vllm.tensor_parallel_size) == ("vllm", 2, 2048, 1)
+    assert LoopSpec().rollout.engine == "hf" and LoopSpec().rollout.vllm.enforce_eager
+    real_import = builtins.__import__
+
+    def no_vllm(name, *args, **kwargs):
+        if name == "vllm" or name.startswith("vllm."):
+            raise ImportError("No module named 'vllm'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_vllm)
+    model, tok = policy
+    with pytest.raises(RuntimeError, match="make vllm-venv"):
+        make_engine("vllm", model, tok, model_path="/nonexistent")

@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from rloop.spec import RLoopRun, SpecError, load_run, parse_run, parse_spec
+from rloop.manifests import load_run
+from rloop.spec import RLoopRun, SpecError, parse_run, parse_spec
 from tests.helpers import deep_merge
 
 BASE_SPEC: dict[str, Any] = {
@@ -457,7 +458,7 @@ def test_messages_are_printable_single_lines() -> None:
      ("2024-01-01", "2024-01-01"), ("1:30", "1:30"), ("yes", True), ("~", None), ("'3e-4'", "3e-4")],
 )
 def test_scalars_resolve_as_kubectl_reads_them(text: str, value: Any) -> None:
-    from rloop.spec import load_yaml
+    from rloop.manifests import load_yaml
 
     assert load_yaml(f"a: {text}\n") == {"a": value}
 
@@ -478,7 +479,7 @@ def test_unquoted_exponent_numbers_are_numbers_in_a_manifest(tmp_path: Path) -> 
      ("a: !!python/name:os.system\n", "could not determine a constructor")],
 )
 def test_yaml_traps_are_refused(text: str, problem: str) -> None:
-    from rloop.spec import load_yaml
+    from rloop.manifests import load_yaml
 
     with pytest.raises(SpecError, match="^<manifest>: ") as info:
         load_yaml(text)

@@ -4,8 +4,8 @@ the work queue, the status says why, the backoff is bounded, and pods are listed
 from __future__ import annotations
 
 from rloop_operator.controller import REFUSAL_BACKOFF_SECONDS
+from rloop_operator.faults import REFUSAL_BACKOFF_MAX_SECONDS
 from rloop_operator.k8s import CreateRefused
-from rloop_operator.reconcile import REFUSAL_BACKOFF_MAX_SECONDS
 from tests.unit.operator.test_controller import INIT, KEY, FakeApi, attempts, controller, run_object
 
 

@@ -7,9 +7,10 @@ import json
 from typing import Any
 
 from rloop_operator.conditions import get_condition
+from rloop_operator.faults import JOB_REJECTED, Refusal
 from rloop_operator.jobs import PodProblem, pod_problem, pod_problems, view_job
 from rloop_operator.naming import ANNOTATION_ABANDONED
-from rloop_operator.reconcile import JOB_REJECTED, Refusal, reconcile
+from rloop_operator.reconcile import reconcile
 from tests.unit.operator.test_reconcile import (
     BASE_EVAL,
     IMAGE,
