@@ -110,7 +110,9 @@ def gone(p: psutil.Process) -> bool:
 
 
 def start_run(cfg: Path, store: Path, env: dict[str, str], logs: Path, **kw) -> subprocess.Popen:
-    """`rloop run` in the background; output to files (a full pipe would block it)."""
+    """`rloop run` in the background; output to files (a full pipe would block it). SIGINT as in a
+    terminal: a test run started in the background by a non-interactive shell inherits SIGINT ignored,
+    and so would `rloop run` (Python installs no KeyboardInterrupt handler then)."""
     out, err = open(logs.with_suffix(".out"), "w"), open(logs.with_suffix(".err"), "w")  # noqa: SIM115
     try:
         return subprocess.Popen(
@@ -119,6 +121,7 @@ def start_run(cfg: Path, store: Path, env: dict[str, str], logs: Path, **kw) -> 
             cwd=ROOT,
             stdout=out,
             stderr=err,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
             **kw,
         )
     finally:
