@@ -116,7 +116,7 @@ def _no_credentials_in_uri(v: str | None, fix: str) -> str | None:
     return v
 
 
-_SECRET_FIX = "put them in the Secret named by storage.secretRef (or use IRSA / Workload Identity)"
+_SECRET_FIX = "put them in the Secret named by storage.secretRef (or give the stage pods a service account with IRSA: resources.*.serviceAccountName)"
 
 
 def _check_dns_subdomain(v: str, what: str) -> str:

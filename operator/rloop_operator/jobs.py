@@ -379,7 +379,8 @@ def pod_problem(pod: dict[str, Any], container: str) -> PodProblem | None:
         if isinstance(waiting, dict):
             return PodProblem(clean_line(str(waiting.get("reason") or "Waiting"), 80),
                               clean_line(str(waiting.get("message") or ""), DETAIL_MAX), since)
-        if cs.get("ready") is True or (cs.get("state") or {}).get("running") and ready.get("status") != "False":
+        running = bool((cs.get("state") or {}).get("running")) and ready.get("status") != "False"
+        if cs.get("ready") is True or running:
             return None
     scheduled = _pod_condition(status, "PodScheduled") or {}
     if scheduled.get("status") == "False":

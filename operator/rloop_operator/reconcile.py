@@ -461,8 +461,11 @@ def _events(
             events.append(("Warning", "JobFailed", f"stage {v.stage.id}: Job {v.name} failed: {v.detail}"))
     old_messages = {h.get("job"): h.get("message") for h in old.get("history") or [] if isinstance(h, dict)}
     for v in views:
-        if v.problem is not None and not v.finished and old_messages.get(v.name) != _record(v).get("message"):
-            events.append(("Warning", "StagePending", f"stage {v.stage.id}: Job {v.name} is {_record(v)['message']}"))
+        if v.problem is None or v.finished:
+            continue
+        text = _record(v)["message"]  # "not running: <reason>: <message>"
+        if old_messages.get(v.name) != text:
+            events.append(("Warning", "StagePending", f"stage {v.stage.id}: Job {v.name} is {text}"))
     for d in created:
         events.append(("Normal", STAGE_STARTED, started_message(d.stage, d.job, d.attempt)))
     events += extra or []
@@ -590,15 +593,15 @@ def reconcile(obs: Observed, *, default_image: str) -> Actions:
     committed = committed_stages(spec, views, recorded)
     p = plan(spec, committed)
     decisions = [_decide(obs.name, spec, s, by_stage.get(s.id, []), now, gen) for s in p.ready]
-    refusal_events: list[Event] = []
+    extra_events: list[Event] = []
     if obs.refused:
         decisions = [_after_refusal(d, obs.refused.get(d.job), now) for d in decisions]
-        refusal_events = [
+        extra_events = [
             ("Warning", d.reason, f"stage {d.stage.id}: the API server refused Job {d.job}: {d.message}")
             for d in decisions if d.job in obs.refused and d.reason in REFUSED_REASONS
         ]
     if old.get("observedGeneration") != gen:  # once per spec generation: settings the mode ignores
-        refusal_events += [("Warning", SPEC_WARNING, w) for w in spec_warnings(spec)]
+        extra_events += [("Warning", SPEC_WARNING, w) for w in spec_warnings(spec)]
     failed = [d for d in decisions if d.kind == "failed"]
     rejected = still_rejected(old_conds, gen)
     if rejected is not None and not failed and not p.finished:
@@ -680,4 +683,4 @@ def reconcile(obs: Observed, *, default_image: str) -> Actions:
         "committed": commit_records(committed, views, recorded),
         "disruptions": disruption_counts(views, old),
     }
-    return _finish(old, new, views, created, actions, refusal_events)
+    return _finish(old, new, views, created, actions, extra_events)
