@@ -418,6 +418,11 @@ class RLSpec(_Model):
     """Maximum overlong penalty."""
     stop: list[ShortStr] = Field(default_factory=list, max_length=8)
     """Stop strings ending a response (besides EOS)."""
+    rollout_is_cap: float | None = Field(None, gt=1, le=100)
+    """Truncated importance sampling against the rollout engine's logprobs (verl's rollout correction,
+    token level): each token's policy-gradient term is weighted by min(exp(trainer - engine logprob), cap).
+    Corrects the mismatch between the engine that sampled (vLLM kernels, bf16) and the trainer; unset =
+    off (the default; the mismatch is reported as `rollout_logprob_abs_diff` either way). verl uses 2."""
     seed: int = Field(0, ge=0, le=SEED_MAX)
     """Seed of prompt order and sampling (the iteration index is added)."""
 
@@ -544,6 +549,11 @@ class VllmSpec(_Model):
     """No CUDA graphs / torch.compile: faster start-up, slower decoding. Set false on GPUs for long runs."""
     tensor_parallel_size: int = Field(1, ge=1, le=64)
     """GPUs one engine spans (GPU only; the colocated RL stage needs 1)."""
+    sleep_mode: bool | None = None
+    """RL stage: free the engine's GPU memory while the trainer updates (vLLM sleep mode: the KV cache is
+    discarded, and the weights too for a full fine-tune since new ones are pushed anyway; LoRA keeps the
+    base weights in host memory) and wake it before the next rollout. Unset = on when CUDA is available;
+    vLLM's CPU backend has no sleep mode, so `true` there is an error."""
 
 
 class RolloutSpec(_Model):

@@ -59,6 +59,11 @@ class RolloutEngine(Protocol):
         """Make the next generate() sample from `model`'s current weights (trainer → engine sync)."""
         ...
 
+    def sleep(self) -> None:
+        """Free what the engine holds (GPU memory) while the trainer updates; the next update_weights() or
+        generate() brings it back. A no-op where there is nothing to free."""
+        ...
+
 
 ENGINES = ("hf", "vllm")
 

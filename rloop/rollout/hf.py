@@ -117,6 +117,9 @@ class HFEngine:
     def update_weights(self, model) -> None:
         self.model = model
 
+    def sleep(self) -> None:
+        """Nothing to free: the engine is the trainer's own module."""
+
     @torch.no_grad()
     def generate(self, prompts: list[str], params: SamplingParams) -> list[PromptResult]:
         results = [PromptResult(p, self.encode(p)) for p in prompts]

@@ -25,6 +25,12 @@ Weight sync (`update_weights`), in process, never a reload from disk:
 - LoRA (a peft model): the adapter is saved to a temporary directory and loaded as a new `LoRARequest`
   (a fresh id per update: vLLM caches adapters by id); nothing is merged.
 
+Sleep mode (GPU only, `sleep_mode=True`): `sleep()` before the trainer's update frees the engine's GPU
+memory, level 2 for a full fine-tune (KV cache and weights discarded: new weights are pushed anyway; vLLM
+keeps the model's buffers, e.g. rotary tables, in host memory and restores them), level 1 for LoRA (the
+base weights wait in host memory). `update_weights` then wakes the weights, pushes, and wakes the KV cache
+last, so the update and the KV cache never hold GPU memory at the same time (verl's order).
+
 vLLM is imported here only, lazily: `rloop.spec`, `rloop.plan` and the operator never import it.
 """
 
@@ -75,7 +81,7 @@ class VllmEngine:
     def __init__(self, model, tokenizer, *, model_path: str | os.PathLike, encode: Callable[[str], list[int]] | None = None,
                  dtype: str = "float32", gpu_memory_utilization: float = 0.3, max_model_len: int | None = None,
                  enforce_eager: bool = True, tensor_parallel_size: int = 1, kv_cache_gib: float | None = None,
-                 lora_rank: int | None = None, seed: int = 0, enable_sleep_mode: bool = False):
+                 lora_rank: int | None = None, seed: int = 0, sleep_mode: bool | None = None):
         from rloop.rollout.hf import eos_token_ids
 
         _prepare_environment()
@@ -91,7 +97,12 @@ class VllmEngine:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * (1 << 30))
         if lora_rank is not None:
             kwargs |= {"enable_lora": True, "max_lora_rank": _vllm_lora_rank(lora_rank), "max_loras": 1}
-        if enable_sleep_mode:
+        if sleep_mode is None:
+            sleep_mode = not _on_cpu()
+        if sleep_mode and _on_cpu():
+            raise ValueError("loop.rollout.vllm.sleepMode: vLLM's CPU backend has no sleep mode; "
+                             "leave it unset (on with CUDA, off on CPU) or set it false")
+        if sleep_mode:
             kwargs["enable_sleep_mode"] = True
         t0 = time.monotonic()
         self.llm = LLM(
@@ -101,6 +112,8 @@ class VllmEngine:
             logprobs_mode="processed_logprobs", generation_config="vllm", **kwargs,
         )
         self.start_time_s = time.monotonic() - t0
+        self.sleep_mode = sleep_mode
+        self._asleep = False
         self.lora_rank = lora_rank
         self._lora = None  # the current LoRARequest
         self._lora_dir: str | None = None
@@ -122,6 +135,9 @@ class VllmEngine:
         results = [PromptResult(p, self.encode(p)) for p in prompts]
         if not results:
             return results
+        if self._asleep:  # a generate() without update_weights() after sleep(): same weights, all back
+            self.llm.wake_up()
+            self._asleep = False
         sps = [self._sampling_params(params, None if params.seed is None else params.seed + i * params.n)
                for i in range(len(results))]
         outs = self.llm.generate([{"prompt_token_ids": r.prompt_token_ids} for r in results], sps,
@@ -145,13 +161,37 @@ class VllmEngine:
         return text
 
     # ------------------------------------------------------------------------------ weight sync
+    def sleep(self) -> None:
+        """Free the engine's GPU memory until the next `update_weights` or `generate` (no-op without sleep
+        mode). Level 2 (weights too) only for a full fine-tune, whose next sync rewrites every weight."""
+        if not self.sleep_mode or self._asleep:
+            return
+        self.llm.sleep(level=1 if self.lora_rank is not None else 2)
+        self._asleep = True
+
     def update_weights(self, model) -> None:
         t0 = time.monotonic()
+        if self._asleep:
+            self.llm.wake_up(tags=["weights"])
         if hasattr(model, "peft_config"):
             self._load_adapter(model)
         else:
             self._push_full(model)
+        if self._asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self._asleep = False
         self.last_sync_s = time.monotonic() - t0
+
+    def kv_cache_gib(self) -> float | None:
+        """The KV cache the engine allocated, in GiB (None when vLLM does not say)."""
+        config = self.llm.llm_engine.vllm_config
+        blocks = config.cache_config.num_gpu_blocks
+        if not blocks:
+            return None
+        model = config.model_config
+        per_token = 2 * model.get_num_layers(config.parallel_config) * model.get_num_kv_heads(
+            config.parallel_config) * model.get_head_size() * _dtype_bytes(config.cache_config.cache_dtype, model.dtype)
+        return blocks * config.cache_config.block_size * per_token / (1 << 30)
 
     def _push_full(self, model) -> None:
         if self.lora_rank is not None:
@@ -204,6 +244,13 @@ def _refresh_cpu_embedding_kernels(model) -> int:
             m.quant_method.process_weights_after_loading(m)
             n += 1
     return n
+
+
+def _dtype_bytes(cache_dtype: str, model_dtype) -> int:
+    """Bytes per KV element: the cache dtype, or the model's when it is "auto"."""
+    if cache_dtype in ("auto", None):
+        return model_dtype.itemsize
+    return 1 if cache_dtype.startswith("fp8") else 2
 
 
 def _vllm_lora_rank(r: int) -> int:

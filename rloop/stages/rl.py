@@ -31,7 +31,8 @@ def run(ctx: StageContext) -> dict:
     model, tok = load_policy(policy_dir, spec.model.dtype, training=True)
     model = prepare_for_training(model, spec.model.lora, spec.model.gradient_checkpointing)
     fmt = ctx.prompt_format(tok)
-    engine = rollout_engine(ctx, model, tok, fmt, model_path=policy_dir, lora=spec.model.lora is not None)
+    engine = rollout_engine(ctx, model, tok, fmt, model_path=policy_dir, lora=spec.model.lora is not None,
+                            colocated=True)
     trainer = RLTrainer(model, tok, engine, cfg, make_scorer(spec), iteration=k,
                         compute_dtype=spec.model.dtype)
     sampler = PromptSampler(train, seed=cfg.seed + 1000 * k)

@@ -9,10 +9,13 @@ from rloop.pool import trajectory_row
 from rloop.stages.common import InputError, StageContext, load_dataset, make_scorer, parquet_bytes
 
 
-def rollout_engine(ctx: StageContext, model, tok, fmt, *, model_path=None, lora: bool = False):
+def rollout_engine(ctx: StageContext, model, tok, fmt, *, model_path=None, lora: bool = False,
+                   colocated: bool = False):
     """The rollout engine (`loop.rollout.engine`) sampling from `model`, encoding prompts with `fmt`, in the
     run's precision. vllm starts from `model_path`, the directory `model` was loaded from (for LoRA, the
-    base the adapters sit on: `lora` enables adapter hot-loading with rank model.lora.r)."""
+    base the adapters sit on: `lora` enables adapter hot-loading with rank model.lora.r). `colocated`: the
+    engine shares the GPU with a trainer (the rl stage), so sleep mode applies (`loop.rollout.vllm.sleepMode`);
+    a stage that only samples has nothing to make room for."""
     from rloop.policy import autocast
     from rloop.rollout import make_engine
 
@@ -25,17 +28,19 @@ def rollout_engine(ctx: StageContext, model, tok, fmt, *, model_path=None, lora:
     return make_engine("vllm", model, tok, model_path=model_path, encode=fmt.encode, dtype=ctx.spec.model.dtype,
                        gpu_memory_utilization=v.gpu_memory_utilization, kv_cache_gib=v.kv_cache_gib,
                        max_model_len=v.max_model_len, enforce_eager=v.enforce_eager,
-                       tensor_parallel_size=v.tensor_parallel_size,
+                       tensor_parallel_size=v.tensor_parallel_size, sleep_mode=v.sleep_mode if colocated else False,
                        lora_rank=ctx.spec.model.lora.r if lora and ctx.spec.model.lora is not None else None)
 
 
 def sample_and_score(ctx: StageContext, model, tok, examples, *, n: int, temperature: float, top_p: float,
-                     max_tokens: int, seed: int, desc: str, model_path=None) -> list[dict]:
-    """n scored samples per example, as `rloop.pool.trajectory_row`s with a `sample` index."""
+                     max_tokens: int, seed: int, desc: str, model_path=None, engine=None) -> list[dict]:
+    """n scored samples per example, as `rloop.pool.trajectory_row`s with a `sample` index. `engine`: one
+    already sampling from `model` (else one is started)."""
     from rloop.rollout import SamplingParams
 
     fmt = ctx.prompt_format(tok)
-    engine = rollout_engine(ctx, model, tok, fmt, model_path=model_path)
+    if engine is None:
+        engine = rollout_engine(ctx, model, tok, fmt, model_path=model_path)
     score = make_scorer(ctx.spec)
     rows: list[dict] = []
     chunk = max(1, 256 // n)
@@ -62,11 +67,18 @@ def run(ctx: StageContext) -> dict:
         raise InputError(f"{rl_id} saved no checkpoints; loop.pool.source=checkpoints needs loop.pool.checkpointEvery")
     train = load_dataset(spec.data.train, "data.train")
     rows: list[dict] = []
+    engine = None
     for ck in steps:
         ck_dir = ctx.store.local_dir(rl_id, f"checkpoints/{ck}", manifest=m)
         model, tok = load_policy(ck_dir, spec.model.dtype)
+        # One engine for all checkpoints, each one's weights pushed into it: a vLLM engine per checkpoint
+        # would pay its start-up every time, and engines started in one process do not give memory back.
+        if engine is None:
+            engine = rollout_engine(ctx, model, tok, ctx.prompt_format(tok), model_path=ck_dir)
+        else:
+            engine.update_weights(model)
         step = int(ck.removeprefix("step-"))
-        for r in sample_and_score(ctx, model, tok, train, n=spec.loop.pool.samples_per_prompt, model_path=ck_dir,
+        for r in sample_and_score(ctx, model, tok, train, n=spec.loop.pool.samples_per_prompt, engine=engine,
                                   temperature=spec.loop.rl.temperature, top_p=spec.loop.rl.top_p,
                                   max_tokens=spec.loop.rl.max_response_tokens, seed=spec.loop.rl.seed + step,
                                   desc=f"iter {k} rollout {ck}"):

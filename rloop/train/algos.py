@@ -198,6 +198,7 @@ def clipped_policy_loss(
     agg: str,
     global_tokens: float | None = None,
     norm_length: int | None = None,
+    token_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """PPO clipped surrogate with asymmetric clipping (DAPO clip-higher).
 
@@ -205,8 +206,10 @@ def clipped_policy_loss(
     old_logprobs: [B, T] behaviour-policy log-probs (no grad)
     advantages:   [B] per-sequence advantage, broadcast over tokens ([B, T] per-token is accepted too)
     mask:         [B, T]
+    token_weights: [B, T] or None, no grad: multiplies each token's term (the rollout correction,
+                  `truncated_is_weights`)
     returns: (scalar loss, stats) with
-        loss_tok = -min(r * A, clip(r, 1 - clip_low, 1 + clip_high) * A),  r = exp(lp - old)
+        loss_tok = -min(r * A, clip(r, 1 - clip_low, 1 + clip_high) * A) [* token_weights],  r = exp(lp - old)
         aggregated by `aggregate(loss_tok, mask, agg, ...)`.
     clip_high > clip_low leaves more room to raise low-probability tokens, which counters entropy collapse.
 
@@ -224,6 +227,8 @@ def clipped_policy_loss(
     unclipped = ratio * advantages
     clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * advantages
     loss_tok = -torch.minimum(unclipped, clipped)
+    if token_weights is not None:
+        loss_tok = loss_tok * token_weights.detach().to(loss_tok.dtype)
     loss = aggregate(loss_tok, mask, agg, global_tokens=global_tokens, norm_length=norm_length)
 
     with torch.no_grad():
@@ -234,6 +239,23 @@ def clipped_policy_loss(
             "approx_kl": _masked_mean_float((old_logprobs - logprobs).detach(), mask),
         }
     return loss, stats
+
+
+def truncated_is_weights(old_logprobs: Tensor, rollout_logprobs: Tensor, *, cap: float) -> Tensor:
+    """Token-level truncated importance weights for the sampler/trainer mismatch (verl's rollout
+    correction, "token" level; Yao et al. 2025, "Your efficient RL framework secretly brings you off-policy
+    RL training").
+
+    old_logprobs:     [B, T] the trainer's log-probs of the sampled tokens under the behaviour policy
+    rollout_logprobs: [B, T] the rollout engine's log-probs of the same tokens (what actually sampled them)
+    returns:          [B, T] min(exp(old - rollout), cap), no grad
+
+    The engine (vLLM kernels, bf16, another batch shape) computes a slightly different distribution than
+    the trainer; the weight re-weights each token from the distribution that sampled it to the one the
+    trainer scores, and the cap bounds the variance a rare large ratio would bring.
+    """
+    log_ratio = (old_logprobs - rollout_logprobs).detach().clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+    return torch.exp(log_ratio).clamp(max=cap)
 
 
 def response_nll(logprobs: Tensor, mask: Tensor, *, global_tokens: float | None = None) -> Tensor:

@@ -53,6 +53,20 @@ def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> P
     return PackedBatch(ids, attn, ids[:, 1:].clone(), resp[:, 1:].clone())
 
 
+def response_values(batch: PackedBatch, values: list[list[float]]) -> torch.Tensor:
+    """Per-response-token values (one list per row, one value per response token, e.g. the engine's
+    sampling logprobs) laid out like the batch's targets: [B, L-1], zero outside the response mask."""
+    lengths = batch.response_mask.sum(dim=1).tolist()
+    if [len(v) for v in values] != lengths:
+        raise ValueError(f"{[len(v) for v in values]} values per row for {lengths} response tokens")
+    out = torch.zeros(batch.response_mask.shape, dtype=torch.float32, device=batch.response_mask.device)
+    # A row's response positions are contiguous and in order, so a boolean-mask assignment (row-major)
+    # puts the concatenated values exactly on them.
+    out[batch.response_mask] = torch.tensor([x for row in values for x in row], dtype=torch.float32,
+                                            device=out.device)
+    return out
+
+
 def _decoder_and_head(model):
     """(decoder, lm_head) of a causal LM (through a peft wrapper), or None when its logits are more
     than head(hidden) (softcapping, logit scales): those models take the full forward."""

@@ -14,6 +14,7 @@ old-logprob pass is run. The trainer scores softmax(logits / T), the distributio
 from __future__ import annotations
 
 import copy
+import os
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -35,10 +36,14 @@ from rloop.train.algos import (
     group_advantages,
     kl_k3,
     overlong_penalty,
+    truncated_is_weights,
 )
-from rloop.train.batching import PackedBatch, forward_logprobs, pack
+from rloop.train.batching import PackedBatch, forward_logprobs, pack, response_values
 
 Scorer = Callable[[list[str], list[Example]], list[float | None]]
+# Step metrics that are means over trained tokens: NaN when a step trains on none.
+_UNDEFINED_WITHOUT_TOKENS = ("loss", "entropy", "rollout_logprob_abs_diff", "rollout_is_weight_mean",
+                             "rollout_is_capped_share")
 
 
 class PromptSampler:
@@ -88,6 +93,21 @@ class _Group:
     def accuracy(self) -> torch.Tensor:
         """[n] 1.0 correct / 0.0 wrong / NaN unscorable."""
         return torch.tensor([float("nan") if s is None else float(is_correct(s)) for s in self.scores])
+
+
+def memory_in_use_gib(device: torch.device) -> float:
+    """Memory in use now, GiB: on a CUDA device all of the device's (trainer and a colocated engine alike,
+    which torch's allocator stats would not both count); on CPU this process's resident set. NaN where
+    neither can be read."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return (total - free) / (1 << 30)
+    try:
+        with open("/proc/self/statm", encoding="ascii") as statm:
+            resident_pages = int(statm.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+    return resident_pages * os.sysconf("SC_PAGE_SIZE") / (1 << 30)
 
 
 def shaped_rewards(
@@ -149,11 +169,18 @@ class RLTrainer:
             if len(kept) >= len(prompts):
                 break
         trained = kept[: len(prompts)]  # DAPO: a full batch of groups with signal, no more
+        memory = {"memory_used_rollout_gib": memory_in_use_gib(self.dev)}
+        with t.phase("sync"):
+            self.engine.sleep()  # vLLM on GPU: the KV cache (and weights) make room for the update
         with t.phase("update"):
             update_stats = self._update(trained)
+        memory["memory_used_update_gib"] = memory_in_use_gib(self.dev)
         with t.phase("sync"):
             self.engine.update_weights(self.model)  # the hf engine shares the module; vLLM loads the new weights
-        return StepOutput(self._metrics(step, generated, kept, trained, round_no + 1, update_stats, t),
+        kv_cache = getattr(self.engine, "kv_cache_gib", None)
+        if kv_cache is not None and (gib := kv_cache()) is not None:
+            memory["engine_kv_cache_gib"] = gib
+        return StepOutput(self._metrics(step, generated, kept, trained, round_no + 1, update_stats | memory, t),
                           self._trajectories(step, generated))
 
     # ------------------------------------------------------------------------------ phases
@@ -187,12 +214,14 @@ class RLTrainer:
         rows = [(g.result, c, float(a)) for g in groups
                 for c, s, a in zip(g.result.completions, g.scores, g.advantages, strict=True) if s is not None]
         stats = {"loss": 0.0, "clip_fraction": 0.0, "entropy": 0.0, "kl": 0.0, "grad_norm": 0.0,
-                 "trained_responses": len(rows), "optimizer_steps": 0}
+                 "rollout_logprob_abs_diff": 0.0, "trained_responses": len(rows), "optimizer_steps": 0}
+        if cfg.rollout_is_cap is not None:
+            stats |= {"rollout_is_weight_mean": 0.0, "rollout_is_capped_share": 0.0}
         if not rows:
-            stats |= {"loss": float("nan"), "entropy": float("nan")}
-            return stats
+            return stats | {k: float("nan") for k in stats if k in _UNDEFINED_WITHOUT_TOKENS}
         batch = pack([r.prompt_token_ids for r, _, _ in rows], [c.token_ids for _, c, _ in rows],
                      self.tok.pad_token_id).to(self.dev)
+        rollout_lp = response_values(batch, [c.logprobs for _, c, _ in rows])
         adv = torch.tensor([a for *_, a in rows], device=self.dev)
         micro = cfg.micro_batch_size or len(rows)
         on_policy = cfg.mini_batches == 1 and cfg.update_epochs == 1  # ratio ≡ 1: reuse the current logprobs
@@ -202,15 +231,18 @@ class RLTrainer:
         passes_tokens = float(batch.response_mask.sum()) * cfg.update_epochs
         for _ in range(cfg.update_epochs):
             for mini in mini_batches:
-                stats["loss"] += self._optimizer_step(batch, adv, mini, micro, old_lp, ref_lp, stats, passes_tokens)
+                stats["loss"] += self._optimizer_step(batch, adv, mini, micro, old_lp, ref_lp, rollout_lp, stats,
+                                                      passes_tokens)
                 stats["optimizer_steps"] += 1
         stats["loss"] /= stats["optimizer_steps"]
         stats["grad_norm"] /= stats["optimizer_steps"]
         return stats
 
     def _optimizer_step(self, batch: PackedBatch, adv: torch.Tensor, mini: torch.Tensor, micro: int,
-                        old_lp: torch.Tensor | None, ref_lp: torch.Tensor | None, stats: dict, passes_tokens: float) -> float:
+                        old_lp: torch.Tensor | None, ref_lp: torch.Tensor | None, rollout_lp: torch.Tensor,
+                        stats: dict, passes_tokens: float) -> float:
         """Accumulate the mini-batch's loss over micro-batches, clip, step. Returns the mini-batch loss.
+        `rollout_lp` [B, L-1] are the engine's logprobs of the sampled tokens (the rollout correction).
 
         token_mean divides by the mini-batch's token count; the sequence-mean modes weight each
         micro-batch by its share of the mini-batch's sequences, so the sum is the mini-batch loss."""
@@ -225,12 +257,18 @@ class RLTrainer:
                 lp, ent = forward_logprobs(self.model, mb, temperature=cfg.temperature, with_entropy=True)
             old = lp.detach() if old_lp is None else old_lp[rows]
             weight = 1.0 if cfg.loss_agg == "token_mean" else len(rows) / len(mini)
+            share = float(mask.sum()) / passes_tokens
+            stats["rollout_logprob_abs_diff"] += float(((old - rollout_lp[rows]).abs() * mask).sum()) / passes_tokens
+            is_weights = None
+            if cfg.rollout_is_cap is not None:
+                is_weights = truncated_is_weights(old, rollout_lp[rows], cap=cfg.rollout_is_cap)
+                stats["rollout_is_weight_mean"] += float((is_weights * mask).sum()) / passes_tokens
+                stats["rollout_is_capped_share"] += float(((is_weights >= cfg.rollout_is_cap) * mask).sum()) / passes_tokens
             loss, pg_stats = clipped_policy_loss(
                 lp, old, adv[rows], mask, clip_low=cfg.clip_low, clip_high=cfg.clip_high, agg=cfg.loss_agg,
-                global_tokens=mini_tokens, norm_length=cfg.max_response_tokens,
+                global_tokens=mini_tokens, norm_length=cfg.max_response_tokens, token_weights=is_weights,
             )
             loss = loss * weight
-            share = float(mask.sum()) / passes_tokens
             if ref_lp is not None:
                 kl_tok = kl_k3(lp, ref_lp[rows])
                 loss = loss + cfg.kl_coef * weight * aggregate(kl_tok, mask, cfg.loss_agg, global_tokens=mini_tokens,

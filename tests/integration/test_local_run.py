@@ -240,6 +240,31 @@ def test_rl_mode_runs_only_rl_and_eval(full_runs, store_root):
     assert "Run small-rl (rl) finished" in b["proc"].stdout and "n/a (rl)" in b["proc"].stdout
 
 
+def test_checkpoint_pool_samples_every_saved_checkpoint(full_runs, work, store_root, env):
+    """loop.pool.source: checkpoints: the rollout stage samples the train prompts from every checkpoint the
+    rl stage saved (one engine, each checkpoint's weights pushed into it), and the pool is those samples."""
+    import pyarrow.parquet as pq
+
+    doc = small_doc("from-checkpoints", iterations=1, eval_base=False)
+    doc["spec"]["loop"]["pool"] = {"source": "checkpoints", "checkpointEvery": 2, "samplesPerPrompt": 2}
+    proc = rloop("run", write_doc(doc, work / "from-checkpoints.yaml"), "--store", store_root, env=env)
+    assert proc.returncode == 0, explain(proc)
+    ids = stage_ids(doc)
+    assert "iter-000/rollout" in ids
+    store = RunStore(str(store_root), "default", "from-checkpoints")
+    assert store.committed(ids) == set(ids)
+    run_dir = store_root / "default" / "from-checkpoints"
+    rows = pq.read_table(run_dir / "iter-000/rollout/samples.parquet").to_pylist()
+    by_checkpoint: dict[str, int] = {}
+    for row in rows:
+        by_checkpoint[row["checkpoint"]] = by_checkpoint.get(row["checkpoint"], 0) + 1
+    # rl steps 0..3, a checkpoint after every 2nd: two checkpoints, 32 train prompts x 2 samples from each
+    assert len(by_checkpoint) == 2 and set(by_checkpoint.values()) == {32 * 2}, by_checkpoint
+    assert {row["step"] for row in rows} == {int(c.removeprefix("step-")) for c in by_checkpoint}
+    summary = json.loads((run_dir / "iter-000/rollout/_COMMIT.json").read_text())["summary"]
+    assert summary["checkpoints"] == 2 and summary["samples"] == len(rows)
+
+
 def test_report_compares_two_runs(full_runs, env):
     a, b = full_runs["A"], full_runs["B"]
     md = a["dir"] / "report" / "report.md"

@@ -78,8 +78,8 @@ def test_bad_manifests_fail_with_invalid_spec_while_a_good_run_succeeds(cluster:
         assert field in failed["message"], (name, failed["message"])
         assert all(len(line) <= 500 for line in failed["message"].splitlines())
         assert cluster.jobs(name) == []
-        events = [(r, m) for r, m in cluster.events(name) if r == "InvalidSpec"]
-        assert events and field in events[0][1]
+        found = cluster.wait_events(name, lambda e: any(r == "InvalidSpec" for r, _ in e), "InvalidSpec")
+        assert field in next(m for r, m in found if r == "InvalidSpec")
 
     done = cluster.wait_condition("good-beside-bad", "Succeeded")
     assert done["reason"] == "Succeeded"

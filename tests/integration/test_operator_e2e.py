@@ -125,6 +125,12 @@ class Cluster:
             if e.get("involvedObject", {}).get("name") == name
         ]
 
+    def wait_events(self, name: str, check, what: str, timeout: float = 30) -> list[tuple[str, str]]:
+        """The run's (reason, message) Events once `check(events)` holds. The operator patches the status
+        first and posts Events after it, so a condition seen is no proof that its Event is there yet."""
+        return wait_for(lambda: (lambda found: found if check(found) else None)(self.events(name)),
+                        timeout, f"{name}: events {what}", self.operator)
+
     def running_job(self, name: str, kind: str) -> dict[str, Any] | None:
         for job in self.jobs(name):
             labels = job["metadata"]["labels"]
@@ -243,10 +249,13 @@ def test_run_succeeds_with_metrics_while_an_invalid_run_fails_alone(cluster: Clu
     assert commit["summary"]["avg_at_n"] == pytest.approx(metrics["evalAvgAtN"])
 
     # Events on transitions.
-    reasons = [r for r, _ in cluster.events("good")]
+    def reasons_of(found: list[tuple[str, str]]) -> list[str]:
+        return [reason for reason, _ in found]
+
+    reasons = reasons_of(cluster.wait_events("good", lambda e: "RunSucceeded" in reasons_of(e), "RunSucceeded"))
     assert reasons.count("StageStarted") == 5 and reasons.count("StageSucceeded") == 5
     assert reasons.count("RunSucceeded") == 1
-    assert "InvalidSpec" in [r for r, _ in cluster.events("bad")]
+    cluster.wait_events("bad", lambda e: "InvalidSpec" in reasons_of(e), "InvalidSpec")
 
     # What a user sees with kubectl.
     if shutil.which("kubectl"):
@@ -318,7 +327,8 @@ def test_stage_failing_past_retry_limit_fails_the_run_naming_the_job(cluster: Cl
         ("denied-b-init-a1", "Failed"),
     ]
     assert "rejected the credentials" in history[-1]["message"] and "AWS_ACCESS_KEY_ID" in failed["message"]
-    reasons = [r for r, _ in cluster.events("denied")]
+    found = cluster.wait_events("denied", lambda e: any(r == "StageFailed" for r, _ in e), "StageFailed")
+    reasons = [r for r, _ in found]
     assert reasons.count("JobFailed") == 2 and "StageFailed" in reasons
     text = cluster.operator.metrics()
     assert sample(text, "rloop_stage_failures_total", namespace=NS, run="denied", stage="init") == 2
@@ -350,8 +360,7 @@ def test_suspend_resume_then_delete_cascades_and_keeps_data(cluster: Cluster) ->
     cluster.wait_condition("pausable", "Succeeded")
     assert cluster.server.get(JOBS, NS, name)["spec"].get("suspend") is False
     assert len(cluster.job_names("pausable")) == 5  # the suspended Job resumed; no extra attempt
-    reasons = [r for r, _ in cluster.events("pausable")]
-    assert "Suspended" in reasons and "Resumed" in reasons
+    cluster.wait_events("pausable", lambda e: {"Suspended", "Resumed"} <= {r for r, _ in e}, "Suspended, Resumed")
 
     # Deleting the run deletes its Jobs (and their pods); the store keeps every committed artifact.
     keys_before = cluster.store_keys("pausable")

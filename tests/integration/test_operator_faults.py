@@ -41,7 +41,8 @@ def test_a_pod_that_never_starts_is_named_stopped_and_retried_and_an_eviction_re
         return c if c and c["reason"] == "StagePending" and "CreateContainerConfigError" in c["message"] else None
 
     wait_for(pending_reason, 120, "no-secret: Progressing=StagePending naming the waiting reason", cluster.operator)
-    assert any(r == "StagePending" and "CreateContainerConfigError" in m for r, m in cluster.events("no-secret"))
+    cluster.wait_events("no-secret", lambda e: any(r == "StagePending" and "CreateContainerConfigError" in m for r, m in e),
+                        "StagePending naming CreateContainerConfigError")
     # Past retry.pendingTimeoutSeconds the attempt is stopped, fails with that reason, and is retried.
     wait_for(lambda: "no-secret-b-init-a1" in cluster.job_names("no-secret"), 60, "a second attempt",
              cluster.operator)
@@ -50,7 +51,8 @@ def test_a_pod_that_never_starts_is_named_stopped_and_retried_and_an_eviction_re
     assert json.loads(first["metadata"]["annotations"]["rloop.dev/abandoned"])["reason"] == (
         "CreateContainerConfigError"
     )
-    assert any(r == "JobFailed" and "CreateContainerConfigError" in m for r, m in cluster.events("no-secret"))
+    cluster.wait_events("no-secret", lambda e: any(r == "JobFailed" and "CreateContainerConfigError" in m for r, m in e),
+                        "JobFailed naming CreateContainerConfigError")
 
     # Meanwhile the other run reaches rl: evict its pod (a drained node, a preemption).
     rl = wait_for(lambda: cluster.running_job("evicted", "rl"), RUN_TIMEOUT, "evicted: rl to run",

@@ -15,6 +15,7 @@ from rloop.train.algos import (
     response_nll,
     token_entropy,
     token_logprobs,
+    truncated_is_weights,
 )
 
 
@@ -235,6 +236,27 @@ def test_clipped_loss_passes_aggregation_through():
     assert tok.item() == pytest.approx(-5 / 4)  # (-3 - 2) / 4
     assert seq.item() == pytest.approx(-1.5)  # (-1 + -2) / 2
     assert drg.item() == pytest.approx(-5 / 6)  # (-3/3 + -2/3) / 2
+
+
+def test_truncated_is_weights_are_the_capped_trainer_over_engine_ratio():
+    old = torch.tensor([[0.0, -1.0, -3.0]])
+    rollout = torch.tensor([[0.0, -2.0, -1.0]])
+    # exp(0) = 1; exp(-1 + 2) = e, capped at 2; exp(-3 + 1) = e^-2 (below 1: never raised)
+    close(truncated_is_weights(old, rollout, cap=2.0), [[1.0, 2.0, math.exp(-2.0)]])
+    assert not truncated_is_weights(old.requires_grad_(), rollout, cap=2.0).requires_grad
+
+
+def test_clipped_loss_token_weights_scale_each_token_and_its_gradient():
+    # ratios 1, A = 1: loss_tok = -1 per token; weights [2, 0, 0.5] -> token_mean (-2 - 0 - 0.5) / 3
+    lp, old = _logprobs_for_ratios([[1.0, 1.0, 1.0]])
+    lp.requires_grad_()
+    weights = torch.tensor([[2.0, 0.0, 0.5]])
+    loss, _ = clipped_policy_loss(lp, old, torch.tensor([1.0]), torch.ones(1, 3), clip_low=0.2, clip_high=0.2,
+                                  agg="token_mean", token_weights=weights)
+    assert loss.item() == pytest.approx(-2.5 / 3)
+    loss.backward()
+    # d/dlp of -w * exp(lp - old) / 3 at ratio 1 = -w / 3: the zero-weight token gets no gradient
+    close(lp.grad, [[-2 / 3, 0.0, -0.5 / 3]])
 
 
 def test_response_nll_token_mean():

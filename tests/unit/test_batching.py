@@ -11,7 +11,7 @@ pytest.importorskip("transformers")
 import rloop.train.batching as batching
 from rloop.policy import attach_lora, build_tiny
 from rloop.spec import LoraSpec, TinyModel
-from rloop.train.batching import forward_logprobs, pack
+from rloop.train.batching import forward_logprobs, pack, response_values
 from tests.helpers import one_torch_thread  # noqa: F401  (autouse fixture)
 
 
@@ -19,6 +19,16 @@ def _batch(tok):
     prompts = [tok(p)["input_ids"] for p in ("38152/09:", "1/2:", "97531/17:")]
     responses = [tok(r)["input_ids"] + [tok.eos_token_id] for r in ("81", "2", "9531")]
     return pack(prompts, responses, tok.pad_token_id)
+
+
+def test_response_values_sit_on_the_response_targets():
+    # prompts [1, 2] and [3]; responses [7, 8, 9] and [6]: targets are ids[1:], responses start at len(p) - 1
+    batch = pack([[1, 2], [3]], [[7, 8, 9], [6]], pad_id=0)
+    values = response_values(batch, [[-0.1, -0.2, -0.3], [-0.4]])
+    assert batch.targets.tolist() == [[2, 7, 8, 9], [6, 0, 0, 0]]
+    torch.testing.assert_close(values, torch.tensor([[0.0, -0.1, -0.2, -0.3], [-0.4, 0.0, 0.0, 0.0]]))
+    with pytest.raises(ValueError, match="values per row"):
+        response_values(batch, [[-0.1, -0.2], [-0.4]])
 
 
 def _reference(model, batch, temperature):

@@ -25,7 +25,8 @@ from tests.helpers import one_torch_thread  # noqa: F401  (autouse fixture)
 NAN = float("nan")
 METRIC_KEYS = {
     "reward", "pass_rate", "clip_fraction", "entropy", "kl", "grad_norm", "tokens_per_s", "time_rollout_s",
-    "time_verify_s", "time_advantage_s", "time_update_s", "time_sync_s",
+    "time_verify_s", "time_advantage_s", "time_update_s", "time_sync_s", "memory_used_rollout_gib",
+    "memory_used_update_gib", "rollout_logprob_abs_diff",
 }
 EXAMPLES = make_split("train", 16, seed=0)
 
@@ -111,6 +112,7 @@ def test_one_step_updates_and_reports_everything():
     assert all(m[f"time_{p}_s"] >= 0 for p in ("rollout", "verify", "advantage", "update", "sync"))
     assert m["tokens_per_s"] > 0 and m["grad_norm"] > 0 and m["entropy"] > 0
     assert m["kl"] == 0.0  # no reference model without kl_coef
+    assert m["memory_used_rollout_gib"] > 0.01 and m["memory_used_update_gib"] > 0.01  # this process's RSS
     assert m["groups_kept"] == 4 and m["trained_responses"] == 16 and m["unscorable"] == 0
     assert len(out.trajectories) == 16  # one per sample
     for i, t in enumerate(out.trajectories):
@@ -264,6 +266,81 @@ def test_trainer_scores_at_the_sampling_temperature():
     lp = tr.logprobs(model, batch, micro=3)
     for i, c in enumerate(result.completions):
         torch.testing.assert_close(lp[i][batch.response_mask[i]], torch.tensor(c.logprobs), atol=1e-4, rtol=0)
+
+
+class ShiftedLogprobs:
+    """An engine whose reported sampling logprobs are the real ones + `shift` (a sampler that disagrees with
+    the trainer by a known amount); samples and weight sync are the wrapped engine's."""
+
+    def __init__(self, engine, shift: float):
+        self.engine, self.shift = engine, shift
+
+    def generate(self, prompts, params):
+        results = self.engine.generate(prompts, params)
+        for r in results:
+            for c in r.completions:
+                c.logprobs = [lp + self.shift for lp in c.logprobs]
+        return results
+
+    def update_weights(self, model):
+        self.engine.update_weights(model)
+
+    def sleep(self):
+        self.engine.sleep()
+
+
+def shifted_trainer(shift: float, **rl) -> RLTrainer:
+    model, tok = tiny()
+    tr = trainer(model, tok, digit_share, lr=1e-2, **rl)
+    tr.engine = ShiftedLogprobs(tr.engine, shift)
+    return tr
+
+
+def test_the_engine_sleeps_through_the_update_and_syncs_after_it():
+    model, tok = tiny()
+    tr = trainer(model, tok, digit_share, lr=1e-2)
+    calls: list[tuple[str, bool]] = []
+    before = snapshot(model)
+
+    class Recording(ShiftedLogprobs):
+        def generate(self, prompts, params):
+            calls.append(("generate", bool(changed(model, before))))
+            return super().generate(prompts, params)
+
+        def sleep(self):
+            calls.append(("sleep", bool(changed(model, before))))
+
+        def update_weights(self, model_):
+            calls.append(("update_weights", bool(changed(model, before))))
+
+    tr.engine = Recording(tr.engine, 0.0)
+    tr.step(0, PromptSampler(EXAMPLES, 0).next(4), render)
+    # (call, had the update already moved the weights): asleep before the update, synced after it
+    assert calls == [("generate", False), ("sleep", False), ("update_weights", True)]
+
+
+def test_mismatch_with_the_engine_is_reported_and_the_correction_is_off_by_default():
+    batch = PromptSampler(EXAMPLES, 0).next(4)
+    same = trainer(*tiny(), digit_share, lr=1e-2).step(0, batch, render).metrics
+    assert same["rollout_logprob_abs_diff"] < 1e-4  # hf samples with the trainer's own module
+    shifted = shifted_trainer(math.log(3)).step(0, batch, render).metrics
+    assert shifted["rollout_logprob_abs_diff"] == pytest.approx(math.log(3), abs=1e-4)
+    assert shifted["loss"] == pytest.approx(same["loss"], abs=1e-6)  # off: the engine's logprobs are not used
+    assert "rollout_is_weight_mean" not in shifted
+
+
+@pytest.mark.parametrize(("shift", "weight", "capped"), [(math.log(3), 1 / 3, 0.0), (-math.log(3), 2.0, 1.0)])
+def test_truncated_is_weights_each_token_by_the_capped_ratio(shift, weight, capped):
+    """Engine logprobs higher by log 3: every ratio is 1/3 (kept); lower by log 3: every ratio is 3, capped at 2.
+    Same samples as the uncorrected run, so the token-mean loss is that loss times the weight."""
+    batch = PromptSampler(EXAMPLES, 0).next(4)
+    plain = shifted_trainer(shift).step(0, batch, render).metrics
+    corrected = shifted_trainer(shift, rollout_is_cap=2.0, loss_agg="token_mean").step(0, batch, render).metrics
+    uncorrected = shifted_trainer(shift, loss_agg="token_mean").step(0, batch, render).metrics
+    assert plain["trained_responses"] == corrected["trained_responses"] == 16
+    assert corrected["rollout_is_weight_mean"] == pytest.approx(weight, rel=1e-4)
+    assert corrected["rollout_is_capped_share"] == capped
+    assert corrected["loss"] == pytest.approx(uncorrected["loss"] * weight, rel=1e-4)
 
 
 def test_gradient_checkpointing_gives_the_same_update():
