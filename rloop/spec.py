@@ -548,7 +548,8 @@ class VllmSpec(_Model):
     enforce_eager: bool = True
     """No CUDA graphs / torch.compile: faster start-up, slower decoding. Set false on GPUs for long runs."""
     tensor_parallel_size: int = Field(1, ge=1, le=64)
-    """GPUs one engine spans (GPU only; the colocated RL stage needs 1)."""
+    """GPUs an eval or checkpoint-rollout engine spans (GPU only). The rl stage's engine is colocated with
+    the trainer and always uses one GPU."""
     sleep_mode: bool | None = None
     """RL stage: free the engine's GPU memory while the trainer updates (vLLM sleep mode: the KV cache is
     discarded, and the weights too for a full fine-tune since new ones are pushed anyway; LoRA keeps the

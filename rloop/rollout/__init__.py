@@ -64,6 +64,10 @@ class RolloutEngine(Protocol):
         generate() brings it back. A no-op where there is nothing to free."""
         ...
 
+    def close(self) -> None:
+        """Stop the engine and release what it holds (temporary files, accelerator memory)."""
+        ...
+
 
 ENGINES = ("hf", "vllm")
 

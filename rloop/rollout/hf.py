@@ -120,6 +120,9 @@ class HFEngine:
     def sleep(self) -> None:
         """Nothing to free: the engine is the trainer's own module."""
 
+    def close(self) -> None:
+        """Nothing to stop."""
+
     @torch.no_grad()
     def generate(self, prompts: list[str], params: SamplingParams) -> list[PromptResult]:
         results = [PromptResult(p, self.encode(p)) for p in prompts]

@@ -223,9 +223,19 @@ class VllmEngine:
         self.llm.reset_prefix_cache()
 
     def close(self) -> None:
+        """Stop the engine and hand its memory back, so that another can start in this process (the
+        checkpoint rollout stage with tensorParallelSize > 1 starts one per checkpoint). Idempotent."""
         if self._lora_dir is not None:
             shutil.rmtree(self._lora_dir, ignore_errors=True)
             self._lora_dir = None
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is None:
+            return
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        cleanup_dist_env_and_memory()  # process groups of tensor parallelism, gc, the device cache
 
 
 def _refresh_cpu_embedding_kernels(model) -> int:

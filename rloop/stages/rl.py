@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+from contextlib import closing
 from pathlib import Path
 
 from tqdm import tqdm
@@ -40,7 +41,7 @@ def run(ctx: StageContext) -> dict:
     telemetry = StageTelemetry.from_env(ctx.run.metadata.name, ctx.stage.kind)
     ckpt_every = spec.loop.pool.checkpoint_every if spec.mode == "rloop" and spec.loop.pool.source == "checkpoints" else 0
 
-    with ctx.store.stage_writer(ctx.stage.id) as w, tempfile.TemporaryDirectory() as tmp:
+    with ctx.store.stage_writer(ctx.stage.id) as w, tempfile.TemporaryDirectory() as tmp, closing(engine):
         bar = tqdm(range(cfg.steps), desc=f"iter {k} rl", unit="step", leave=False)
         for step in bar:
             out = trainer.step(step, sampler.next(cfg.prompts_per_step), fmt.render, more=sampler.next)

@@ -28,7 +28,8 @@ def rollout_engine(ctx: StageContext, model, tok, fmt, *, model_path=None, lora:
     return make_engine("vllm", model, tok, model_path=model_path, encode=fmt.encode, dtype=ctx.spec.model.dtype,
                        gpu_memory_utilization=v.gpu_memory_utilization, kv_cache_gib=v.kv_cache_gib,
                        max_model_len=v.max_model_len, enforce_eager=v.enforce_eager,
-                       tensor_parallel_size=v.tensor_parallel_size, sleep_mode=v.sleep_mode if colocated else False,
+                       tensor_parallel_size=1 if colocated else v.tensor_parallel_size,
+                       sleep_mode=v.sleep_mode if colocated else False,
                        lora_rank=ctx.spec.model.lora.r if lora and ctx.spec.model.lora is not None else None)
 
 
@@ -39,20 +40,25 @@ def sample_and_score(ctx: StageContext, model, tok, examples, *, n: int, tempera
     from rloop.rollout import SamplingParams
 
     fmt = ctx.prompt_format(tok)
-    if engine is None:
+    own_engine = engine is None
+    if own_engine:
         engine = rollout_engine(ctx, model, tok, fmt, model_path=model_path)
     score = make_scorer(ctx.spec)
     rows: list[dict] = []
     chunk = max(1, 256 // n)
-    for i in tqdm(range(0, len(examples), chunk), desc=desc, unit="batch", leave=False):
-        batch = examples[i : i + chunk]
-        results = engine.generate([fmt.render(e) for e in batch], SamplingParams(
-            n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=tuple(ctx.spec.loop.rl.stop),
-            seed=seed + i))
-        flat = [(e, r, j, c) for e, r in zip(batch, results, strict=True) for j, c in enumerate(r.completions)]
-        scores = score([c.text for *_, c in flat], [e for e, *_ in flat])
-        rows += [trajectory_row(e, r.prompt, r.prompt_token_ids, c, s, sample=j)
-                 for (e, r, j, c), s in zip(flat, scores, strict=True)]
+    try:
+        for i in tqdm(range(0, len(examples), chunk), desc=desc, unit="batch", leave=False):
+            batch = examples[i : i + chunk]
+            results = engine.generate([fmt.render(e) for e in batch], SamplingParams(
+                n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=tuple(ctx.spec.loop.rl.stop),
+                seed=seed + i))
+            flat = [(e, r, j, c) for e, r in zip(batch, results, strict=True) for j, c in enumerate(r.completions)]
+            scores = score([c.text for *_, c in flat], [e for e, *_ in flat])
+            rows += [trajectory_row(e, r.prompt, r.prompt_token_ids, c, s, sample=j)
+                     for (e, r, j, c), s in zip(flat, scores, strict=True)]
+    finally:
+        if own_engine:
+            engine.close()
     return rows
 
 
@@ -67,22 +73,30 @@ def run(ctx: StageContext) -> dict:
         raise InputError(f"{rl_id} saved no checkpoints; loop.pool.source=checkpoints needs loop.pool.checkpointEvery")
     train = load_dataset(spec.data.train, "data.train")
     rows: list[dict] = []
+    # One engine for all checkpoints, each one's weights pushed into it: a vLLM engine per checkpoint would
+    # pay its start-up every time. The in-process push needs the engine in this process, so an engine
+    # spanning several GPUs (its workers are processes of their own) is stopped and started per checkpoint.
+    push = spec.loop.rollout.engine == "hf" or spec.loop.rollout.vllm.tensor_parallel_size == 1
     engine = None
-    for ck in steps:
-        ck_dir = ctx.store.local_dir(rl_id, f"checkpoints/{ck}", manifest=m)
-        model, tok = load_policy(ck_dir, spec.model.dtype)
-        # One engine for all checkpoints, each one's weights pushed into it: a vLLM engine per checkpoint
-        # would pay its start-up every time, and engines started in one process do not give memory back.
-        if engine is None:
-            engine = rollout_engine(ctx, model, tok, ctx.prompt_format(tok), model_path=ck_dir)
-        else:
-            engine.update_weights(model)
-        step = int(ck.removeprefix("step-"))
-        for r in sample_and_score(ctx, model, tok, train, n=spec.loop.pool.samples_per_prompt, engine=engine,
-                                  temperature=spec.loop.rl.temperature, top_p=spec.loop.rl.top_p,
-                                  max_tokens=spec.loop.rl.max_response_tokens, seed=spec.loop.rl.seed + step,
-                                  desc=f"iter {k} rollout {ck}"):
-            rows.append({**r, "step": step, "checkpoint": ck})
+    try:
+        for ck in steps:
+            ck_dir = ctx.store.local_dir(rl_id, f"checkpoints/{ck}", manifest=m)
+            model, tok = load_policy(ck_dir, spec.model.dtype)
+            if engine is not None and push:
+                engine.update_weights(model)
+            else:
+                if engine is not None:
+                    engine.close()
+                engine = rollout_engine(ctx, model, tok, ctx.prompt_format(tok), model_path=ck_dir)
+            step = int(ck.removeprefix("step-"))
+            for r in sample_and_score(ctx, model, tok, train, n=spec.loop.pool.samples_per_prompt, engine=engine,
+                                      temperature=spec.loop.rl.temperature, top_p=spec.loop.rl.top_p,
+                                      max_tokens=spec.loop.rl.max_response_tokens, seed=spec.loop.rl.seed + step,
+                                      desc=f"iter {k} rollout {ck}"):
+                rows.append({**r, "step": step, "checkpoint": ck})
+    finally:
+        if engine is not None:
+            engine.close()
     summary = {"checkpoints": len(steps), "samples": len(rows),
                "pass_rate": sum(r["correct"] for r in rows) / len(rows)}
     with ctx.store.stage_writer(ctx.stage.id) as w:

@@ -24,6 +24,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 CACHE = ROOT / ".cache" / "models"
+CPU_EXAMPLE = ROOT / "examples" / "gsm8k-smollm2-cpu.yaml"
 CACHE_FORMAT = 1  # bump when rloop.models.save_plain changes what it writes
 
 
@@ -94,3 +95,20 @@ def smollm2(smollm2_dir):
 
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
     return model, AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+def cpu_example_run_file(model_dir: Path, out_dir: Path, overrides: dict, eval_limit: int = 4) -> Path:
+    """examples/gsm8k-smollm2-cpu.yaml with `overrides` merged into its spec (sizes, the engine), the eval
+    set cut to `eval_limit` prompts and model.base pointed at `model_dir`, written to out_dir/run.yaml."""
+    import yaml
+
+    from tests.helpers import deep_merge
+
+    doc = yaml.safe_load(CPU_EXAMPLE.read_text())
+    assert doc["spec"]["model"]["base"] == "models/smollm2-135m-instruct"  # what `make smollm2` writes
+    spec = deep_merge(doc["spec"], overrides)
+    spec["model"]["base"] = str(model_dir)
+    spec["data"]["eval"][0]["limit"] = eval_limit
+    run_file = out_dir / "run.yaml"
+    run_file.write_text(yaml.safe_dump({**doc, "spec": spec}))
+    return run_file

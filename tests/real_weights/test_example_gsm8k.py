@@ -11,27 +11,18 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 
-from tests.helpers import deep_merge
-from tests.real_weights.conftest import ROOT
+from tests.real_weights.conftest import ROOT, cpu_example_run_file
 
 pytestmark = [pytest.mark.real_weights, pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(900)]
 
-EXAMPLE = ROOT / "examples" / "gsm8k-smollm2-cpu.yaml"
 SMALLER = {
     "loop": {"rl": {"steps": 1, "maxResponseTokens": 32}, "eval": {"maxResponseTokens": 32}},
 }
 
 
 def test_cpu_gsm8k_example_runs_on_real_weights(smollm2_dir, tmp_path):
-    doc = yaml.safe_load(EXAMPLE.read_text())
-    assert doc["spec"]["model"]["base"] == "models/smollm2-135m-instruct"  # what `make smollm2` writes
-    spec = deep_merge(doc["spec"], SMALLER)
-    spec["model"]["base"] = str(smollm2_dir)
-    spec["data"]["eval"][0]["limit"] = 4
-    run_file = tmp_path / "run.yaml"
-    run_file.write_text(yaml.safe_dump({**doc, "spec": spec}))
+    run_file = cpu_example_run_file(smollm2_dir, tmp_path, SMALLER)
     store = tmp_path / "store"
     proc = subprocess.run([sys.executable, "-m", "rloop", "run", str(run_file), "--store", str(store)], cwd=ROOT,
                           capture_output=True, text=True, timeout=840)

@@ -228,9 +228,21 @@ def check_lora(model, tok, fmt, eos, prompts, prompt_ids, model_dir) -> dict:
     h_merged2 = hf_greedy(merged2, tok, eos, prompt_ids, GREEDY_TOKENS)
     engine.update_weights(peft_model)
     v_lora2 = engine_greedy(engine, prompts, GREEDY_TOKENS)
+    lora_dir = engine._lora_dir
     engine.close()
+    engine.close()  # idempotent
+    # closed, an engine hands its memory back: another starts in the same process (what the checkpoint
+    # rollout stage does per checkpoint with tensorParallelSize > 1)
+    again = make_engine("vllm", model, tok, model_path=model_dir, encode=fmt.encode, dtype="float32",
+                        max_model_len=1024, enforce_eager=True)
+    v_again = engine_greedy(again, prompts, GREEDY_TOKENS)
+    again.close()
+    import os
+
     return {
         "start_s": start_s, "sync_s": sync_s,
+        "lora_dir_removed": lora_dir is not None and not os.path.exists(lora_dir),
+        "restarted_vs_hf": compare(v_again, h_base),
         "hf_changed": sum(x != y for x, y in zip(h_merged, h_base, strict=True)),
         "base_vs_hf": compare(v_base, h_base),
         "lora_vs_merged": compare(v_lora, h_merged),

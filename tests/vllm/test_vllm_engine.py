@@ -80,3 +80,9 @@ def test_lora_hot_load_gives_merged_outputs(lora):
     assert identical(r["lora_vs_merged"]) >= MIN_IDENTICAL, r["lora_vs_merged"]
     assert identical(r["lora2_vs_merged2"]) >= MIN_IDENTICAL, r["lora2_vs_merged2"]
     assert r["lora2_changed"] >= 4, "a second adapter update must take effect (new LoRARequest id)"
+
+
+def test_a_closed_engine_makes_room_for_the_next(lora):
+    r = lora["lora"]
+    assert r["lora_dir_removed"], "close() must remove the hot-loaded adapter's directory"
+    assert identical(r["restarted_vs_hf"]) >= MIN_IDENTICAL, r["restarted_vs_hf"]
