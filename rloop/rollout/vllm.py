@@ -45,6 +45,7 @@ from collections.abc import Callable
 from rloop.rollout import Completion, PromptResult, SamplingParams
 
 _CPU_DEFAULT_KV_CACHE_GIB = 1.0
+_CPU_BATCHED_TOKENS = 4096  # vLLM's CPU default token budget per scheduler step
 
 
 def _prepare_environment() -> None:
@@ -95,6 +96,13 @@ class VllmEngine:
         kwargs: dict = {}
         if kv_cache_gib is not None:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * (1 << 30))
+        if _on_cpu():
+            # vLLM's CPU backend crashes ("CPU Generator does not use offset") when a seeded request's prompt
+            # is prefilled in chunks: rolling back a partial prefill's sample rewinds the request's generator,
+            # which only CUDA generators can do. Whole prompts only, then (a step's budget holds the longest).
+            kwargs["enable_chunked_prefill"] = False
+            if max_model_len is not None:
+                kwargs["max_num_batched_tokens"] = max(max_model_len, _CPU_BATCHED_TOKENS)
         if lora_rank is not None:
             kwargs |= {"enable_lora": True, "max_lora_rank": _vllm_lora_rank(lora_rank), "max_loras": 1}
         if sleep_mode is None:

@@ -19,6 +19,7 @@ import copy
 import json
 import sys
 import time
+from pathlib import Path
 
 PROMPTS = [
     "What is 2 + 3?", "Name a fruit that is red.", "Write one sentence about the sea.",
@@ -26,6 +27,7 @@ PROMPTS = [
     "What colour is the sky on a clear day?", "Give me a word that rhymes with cat.",
 ]
 GREEDY_TOKENS = 24
+GSM8K = Path(__file__).resolve().parents[1] / "data" / "gsm8k" / "train-sample.jsonl"
 
 
 def hf_greedy(model, tok, eos_ids: list[int], prompt_ids: list[list[int]], max_tokens: int) -> list[list[int]]:
@@ -173,6 +175,18 @@ def main(model_dir: str, out_path: str, mode: str) -> None:
                 for u, v in zip(t1_lp[i][batch.response_mask[i]].tolist(), x.logprobs, strict=True)]
     report["logprobs"] = {"tokens": len(diffs), "max_abs_diff": max(diffs), "mean_abs_diff": sum(diffs) / len(diffs),
                           "mean_abs_diff_vs_T1": sum(t1_diffs) / len(t1_diffs)}
+
+    # --- a step's worth of seeded GSM8K prompts: more prompt tokens than vLLM schedules in one step (its
+    # CPU backend crashed rewinding a seeded request's generator after a chunked prefill)
+    gsm8k = [json.loads(line)["question"] for line in GSM8K.read_text().splitlines()][:16]
+    long_prompts = [fmt.render(Example(f"g{i}", q, "")) for i, q in enumerate(gsm8k)]
+    t1 = time.monotonic()
+    big = engine.generate(long_prompts, SamplingParams(n=8, temperature=0.7, max_tokens=2, seed=11))
+    report["seeded_batch"] = {
+        "prompt_tokens": sum(len(r.prompt_token_ids) for r in big) * 8,
+        "completions": sum(len(r.completions) for r in big),
+        "seconds": time.monotonic() - t1,
+    }
 
     # --- weight sync: full fine-tune
     new = perturbed(model)

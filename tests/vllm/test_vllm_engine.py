@@ -58,6 +58,13 @@ def test_sampled_outputs_have_protocol_shapes(full):
     assert s["distinct_within_prompt"] > 16, "n samples of a prompt must not all be the same"
 
 
+def test_a_batch_larger_than_one_scheduler_step_samples_with_seeds(full):
+    """16 GSM8K prompts x 8 seeded samples: more prompt tokens than vLLM prefills in one step (4096 on CPU)."""
+    batch = full["seeded_batch"]
+    assert batch["prompt_tokens"] > 4096, batch  # or the check proves nothing
+    assert batch["completions"] == 16 * 8
+
+
 def test_logprobs_match_trainer_at_temperature(full):
     lp = full["logprobs"]
     assert lp["tokens"] >= 100
