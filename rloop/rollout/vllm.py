@@ -91,12 +91,13 @@ class VllmEngine:
         self.tok = tokenizer
         self.encode = encode or (lambda text: list(tokenizer(text)["input_ids"]))
         self.eos_ids = eos_token_ids(tokenizer, model)
-        if kv_cache_gib is None and _on_cpu():
+        on_cpu = _on_cpu()
+        if kv_cache_gib is None and on_cpu:
             kv_cache_gib = _CPU_DEFAULT_KV_CACHE_GIB
         kwargs: dict = {}
         if kv_cache_gib is not None:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * (1 << 30))
-        if _on_cpu():
+        if on_cpu:
             # vLLM's CPU backend crashes ("CPU Generator does not use offset") when a seeded request's prompt
             # is prefilled in chunks: rolling back a partial prefill's sample rewinds the request's generator,
             # which only CUDA generators can do. Whole prompts only, then (a step's budget holds the longest).
@@ -106,8 +107,8 @@ class VllmEngine:
         if lora_rank is not None:
             kwargs |= {"enable_lora": True, "max_lora_rank": _vllm_lora_rank(lora_rank), "max_loras": 1}
         if sleep_mode is None:
-            sleep_mode = not _on_cpu()
-        if sleep_mode and _on_cpu():
+            sleep_mode = not on_cpu
+        if sleep_mode and on_cpu:
             raise ValueError("loop.rollout.vllm.sleepMode: vLLM's CPU backend has no sleep mode; "
                              "leave it unset (on with CUDA, off on CPU) or set it false")
         if sleep_mode:
@@ -120,6 +121,7 @@ class VllmEngine:
             logprobs_mode="processed_logprobs", generation_config="vllm", **kwargs,
         )
         self.start_time_s = time.monotonic() - t0
+        self.kv_cache_gib = _allocated_kv_cache_gib(self.llm)
         self.sleep_mode = sleep_mode
         self._asleep = False
         self.lora_rank = lora_rank
@@ -190,17 +192,6 @@ class VllmEngine:
             self._asleep = False
         self.last_sync_s = time.monotonic() - t0
 
-    def kv_cache_gib(self) -> float | None:
-        """The KV cache the engine allocated, in GiB (None when vLLM does not say)."""
-        config = self.llm.llm_engine.vllm_config
-        blocks = config.cache_config.num_gpu_blocks
-        if not blocks:
-            return None
-        model = config.model_config
-        per_token = 2 * model.get_num_layers(config.parallel_config) * model.get_num_kv_heads(
-            config.parallel_config) * model.get_head_size() * _dtype_bytes(config.cache_config.cache_dtype, model.dtype)
-        return blocks * config.cache_config.block_size * per_token / (1 << 30)
-
     def _push_full(self, model) -> None:
         if self.lora_rank is not None:
             raise ValueError("this vLLM engine was started for LoRA (lora_rank set); update it with the peft model")
@@ -262,6 +253,18 @@ def _refresh_cpu_embedding_kernels(model) -> int:
             m.quant_method.process_weights_after_loading(m)
             n += 1
     return n
+
+
+def _allocated_kv_cache_gib(llm) -> float | None:
+    """The KV cache a started engine allocated, in GiB (None when vLLM does not say); fixed for its life."""
+    config = llm.llm_engine.vllm_config
+    blocks = config.cache_config.num_gpu_blocks
+    if not blocks:
+        return None
+    model = config.model_config
+    per_token = 2 * model.get_num_layers(config.parallel_config) * model.get_num_kv_heads(
+        config.parallel_config) * model.get_head_size() * _dtype_bytes(config.cache_config.cache_dtype, model.dtype)
+    return blocks * config.cache_config.block_size * per_token / (1 << 30)
 
 
 def _dtype_bytes(cache_dtype: str, model_dtype) -> int:

@@ -177,9 +177,8 @@ class RLTrainer:
         memory["memory_used_update_gib"] = memory_in_use_gib(self.dev)
         with t.phase("sync"):
             self.engine.update_weights(self.model)  # the hf engine shares the module; vLLM loads the new weights
-        kv_cache = getattr(self.engine, "kv_cache_gib", None)
-        if kv_cache is not None and (gib := kv_cache()) is not None:
-            memory["engine_kv_cache_gib"] = gib
+        if (kv_cache_gib := getattr(self.engine, "kv_cache_gib", None)) is not None:  # vLLM's, fixed at start
+            memory["engine_kv_cache_gib"] = kv_cache_gib
         return StepOutput(self._metrics(step, generated, kept, trained, round_no + 1, update_stats | memory, t),
                           self._trajectories(step, generated))
 
@@ -258,10 +257,11 @@ class RLTrainer:
             old = lp.detach() if old_lp is None else old_lp[rows]
             weight = 1.0 if cfg.loss_agg == "token_mean" else len(rows) / len(mini)
             share = float(mask.sum()) / passes_tokens
-            stats["rollout_logprob_abs_diff"] += float(((old - rollout_lp[rows]).abs() * mask).sum()) / passes_tokens
+            engine_lp = rollout_lp[rows]
+            stats["rollout_logprob_abs_diff"] += float(((old - engine_lp).abs() * mask).sum()) / passes_tokens
             is_weights = None
             if cfg.rollout_is_cap is not None:
-                is_weights = truncated_is_weights(old, rollout_lp[rows], cap=cfg.rollout_is_cap)
+                is_weights = truncated_is_weights(old, engine_lp, cap=cfg.rollout_is_cap)
                 stats["rollout_is_weight_mean"] += float((is_weights * mask).sum()) / passes_tokens
                 stats["rollout_is_capped_share"] += float(((is_weights >= cfg.rollout_is_cap) * mask).sum()) / passes_tokens
             loss, pg_stats = clipped_policy_loss(
