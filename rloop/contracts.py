@@ -42,3 +42,18 @@ RUN_MANIFEST_LEGACY_ENV = "RLOOP_RUN_MANIFEST"
 def manifest_sha256(text: str) -> str:
     """Digest of a run manifest as the operator writes it and the stage checks it."""
     return hashlib.sha256(text.encode()).hexdigest()
+
+# A stage of several processes (resources.<stage>.gpus > 1 or nodes > 1). The operator sets these on the
+# stage container; `rloop stage` reads them and starts one worker process per GPU under torch's elastic
+# agent (torchrun's launcher), node NODE_RANK of NNODES, rendezvous at MASTER_ADDR:MASTER_PORT. The names
+# are torchrun's own, so `torchrun` by hand reads the same values (Kubeflow Trainer's PET_* convention).
+NNODES_ENV = "NNODES"
+NODE_RANK_ENV = "NODE_RANK"
+NPROC_PER_NODE_ENV = "NPROC_PER_NODE"
+MASTER_ADDR_ENV = "MASTER_ADDR"
+MASTER_PORT_ENV = "MASTER_PORT"
+DEFAULT_MASTER_PORT = 29500
+JOB_COMPLETION_INDEX_ENV = "JOB_COMPLETION_INDEX"
+"""Set by Kubernetes in each pod of an Indexed Job; NODE_RANK falls back to it when unset."""
+DISTRIBUTED_STAGE_KINDS = ("rl", "rft")
+"""Stages that run as several processes; the others use one process (vLLM spans a pod's GPUs itself)."""

@@ -567,6 +567,34 @@ class RolloutSpec(_Model):
     """vLLM settings (ignored with engine: hf)."""
 
 
+class DistributedSpec(_Model):
+    """How an rl or rft stage trains when it runs as several processes (`resources.<stage>.gpus` > 1 or
+    `nodes` > 1: one process per GPU, launched by torchrun's elastic agent inside the stage). Each process
+    samples its share of the prompts (a prompt's group stays on one process) and the update runs under
+    DeepSpeed ZeRO; process 0 alone writes the pool, metrics and the policy. One process: plain torch."""
+
+    zero_stage: int = Field(2, ge=0, le=3)
+    """DeepSpeed ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters (gathered for
+    each rollout and for saving). 0: plain data parallel. LoRA needs 0-2."""
+    offload_optimizer: bool = False
+    """Keep optimizer state (and its step) in host memory (ZeRO-Offload); needs zeroStage >= 1."""
+    offload_params: bool = False
+    """Keep parameters in host memory between uses (ZeRO-Infinity); needs zeroStage 3."""
+    timeout_seconds: int = Field(900, ge=30, le=86_400)
+    """Collective timeout: a process that waits this long on a dead or hung peer fails the stage
+    (the attempt is retried) instead of hanging the Job."""
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> DistributedSpec:
+        if self.offload_params and self.zero_stage != 3:
+            raise _field_error("offloadParams",
+                               f"needs zeroStage 3 (it is {self.zero_stage}); set zeroStage: 3 or drop offloadParams")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise _field_error("offloadOptimizer",
+                               "needs zeroStage 1, 2 or 3 (it is 0); set zeroStage: 2")
+        return self
+
+
 class LoopSpec(_Model):
     """The outer loop: K iterations of RL (+ filter + RFT in rloop mode)."""
 
@@ -584,6 +612,8 @@ class LoopSpec(_Model):
     """Evaluation settings."""
     rollout: RolloutSpec = Field(default_factory=RolloutSpec)
     """Rollout engine (hf or vllm) of the rl, rollout and eval stages."""
+    distributed: DistributedSpec = Field(default_factory=DistributedSpec)
+    """Multi-process rl and rft stages (DeepSpeed ZeRO); used when a stage has more than one GPU or node."""
 
 
 # ----------------------------------------------------------------------------- storage / k8s bits
@@ -685,6 +715,10 @@ class StageResources(_Model):
     shm_size: str | None = Field(None, max_length=64, json_schema_extra=_pattern(_QUANTITY_RE))
     """sizeLimit of the memory-backed `/dev/shm` of GPU pods (NCCL, dataloader workers); it counts
     against the memory limit. Default: `memory` when set, else 16Gi."""
+    nodes: int | None = Field(None, ge=1, le=256)
+    """Pods (nodes) of one `rl` or `rft` attempt: above 1 the operator makes an Indexed Job of this many
+    pods plus a headless Service, and the stage runs data-parallel over all of them (nodes x gpus
+    processes, DeepSpeed ZeRO, `loop.distributed`). Only on `resources.rl` and `resources.rft`. Unset = 1."""
 
     @field_validator("image")
     @classmethod
@@ -732,6 +766,19 @@ class ResourcesSpec(_Model):
     verify: StageResources | None = None
     rft: StageResources | None = None
     eval: StageResources | None = None
+
+    @model_validator(mode="after")
+    def _nodes_only_on_training_stages(self) -> ResourcesSpec:
+        for kind in ("default", "init", "rollout", "verify", "eval"):
+            res = getattr(self, kind)
+            if res is not None and res.nodes not in (None, 1):
+                raise _field_error(
+                    f"{kind}.nodes",
+                    f"is {res.nodes}, but only the rl and rft stages run on several nodes (eval and rollout "
+                    "engines span GPUs of one pod with vllm.tensorParallelSize); set resources.rl.nodes or "
+                    "resources.rft.nodes instead",
+                )
+        return self
 
 
 class RetrySpec(_Model):
@@ -793,6 +840,12 @@ class RLoopRunSpec(_Model):
                     f"has k={too_big} but data.eval[{s.name}].samplesPerPrompt is "
                     f"{s.samples_per_prompt}; raise samplesPerPrompt or drop those k",
                 )
+        if self.model.lora is not None and self.loop.distributed.zero_stage == 3:
+            raise _field_error(
+                "loop.distributed.zeroStage",
+                "3 shards the parameters LoRA merges into; with model.lora use zeroStage 2 (the base weights "
+                "are frozen, so sharding them saves little)",
+            )
         needs_vocab = self.model.base == "builtin:tiny"
         if needs_vocab and (self.data.train.synthetic is None or self.verifier.name != "subset_sum"):
             raise _field_error(

@@ -365,8 +365,7 @@ class RunStore:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 self.call(self.fs.get, self.path(f"{stage_id}/{f.path}"), str(target))
             (tmp / ".complete").write_text("")
-            shutil.rmtree(dest, ignore_errors=True)
-            tmp.rename(dest)
+            _move_into_place(tmp, dest)
         return dest
 
     def read_verified(self, stage_id: str, rel: str, manifest: Manifest | None = None) -> bytes:
@@ -415,3 +414,18 @@ class StageWriter:
         m = Manifest(self.stage_id, sorted(self.files.values(), key=lambda f: f.path), summary or {}, time.time())
         self.store.write_text(f"{self.stage_id}/{MANIFEST}", m.to_json())
         return m
+
+
+def _move_into_place(tmp: Path, dest: Path) -> None:
+    """Rename a finished download to `dest`. The workers of a multi-GPU stage download the same policy
+    at once: the first rename wins and the others drop their copy (a complete `dest` is never removed)."""
+    if (dest / ".complete").exists():
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    shutil.rmtree(dest, ignore_errors=True)  # an incomplete leftover of a killed stage
+    try:
+        tmp.rename(dest)
+    except OSError:
+        if not (dest / ".complete").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)

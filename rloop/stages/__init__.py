@@ -75,6 +75,8 @@ def run_stage(run_uri: str, stage: Stage) -> int:
         # The log tail becomes the termination message of a crashed pod (FallbackToLogsOnError).
         print(redact_uris(traceback.format_exc()), end="", file=sys.stderr)
         return 1
+    if int(os.environ.get("RANK", "0")) != 0:  # a worker of a multi-process stage: rank 0 reports
+        return EXIT_OK
     summary = {"stage": stage.id, "seconds": round(time.time() - t0, 3), **summary,
                "manifest_sha256": _manifest_digest(ctx)}
     write_termination_message(summary)

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
-from rloop.policy import autocast, trainable_parameters
+from rloop.policy import autocast
 from rloop.train.algos import response_nll
 from rloop.train.batching import PackedBatch, forward_logprobs, pack
+from rloop.train.distributed import SINGLE, PolicyOptimizer, TorchOptimizer, World
 
 
 @dataclass
@@ -74,17 +75,25 @@ def sft_train(
     micro_batch_size: int | None = None,
     compute_dtype: str = "float32",
     on_step: Callable[[int, float], None] | None = None,
+    optimizer: PolicyOptimizer | None = None,
+    world: World = SINGLE,
 ) -> SFTResult:
     """AdamW on response NLL for `steps` steps. `pairs` is a fixed list (shuffled into epochs) or a
     function step -> fresh batch (the warm-up draws new synthetic pairs every step).
 
     Each step is one optimizer step on `batch_size` pairs; `micro_batch_size` accumulates gradients
     over smaller forward/backward passes (memory only: the loss is the batch's token mean either way).
+
+    Several processes (`world`, with a DeepSpeed `optimizer` from rloop.train.distributed): all draw the
+    same batch (same seed), each trains on its share, normalised by the whole batch's token count, and
+    all run as many micro-batches as the largest share needs (idle ones past their own rows).
     """
     dev = next(model.parameters()).device
     context = autocast(compute_dtype, dev)
-    opt = torch.optim.AdamW(trainable_parameters(model), lr=lr, weight_decay=weight_decay)
+    if optimizer is None:
+        optimizer = TorchOptimizer(model, lr=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm)
     rng = random.Random(seed)
+    idle = _pack([([pad_id], [pad_id])], pad_id, dev)
     order: list[int] = []
     model.train()
     first = last = float("nan")
@@ -99,19 +108,21 @@ def sft_train(
             batch_pairs = [pairs[i] for i in order[:batch_size]]
             del order[:batch_size]
         tokens = float(sum(len(r) for _, r in batch_pairs))
-        opt.zero_grad(set_to_none=True)
+        mine = world.shard(batch_pairs)
+        micro = micro_batch_size or len(world.shard(batch_pairs, rank=0))  # rank 0's share is the largest
+        passes = -(-len(world.shard(batch_pairs, rank=0)) // micro)
+        optimizer.zero_grad()
         loss_value = 0.0
-        micro = micro_batch_size or len(batch_pairs)
-        for i in range(0, len(batch_pairs), micro):
-            b = _pack(batch_pairs[i : i + micro], pad_id, dev)
+        for pass_no in range(passes):
+            chunk = mine[pass_no * micro : (pass_no + 1) * micro]
+            b = _pack(chunk, pad_id, dev) if chunk else idle
             with context():
                 lp, _ = forward_logprobs(model, b)
-            loss = response_nll(lp, b.response_mask, global_tokens=tokens)
-            loss.backward()
+            loss = response_nll(lp, b.response_mask, global_tokens=tokens) if chunk else lp.sum() * 0.0
+            optimizer.backward(loss, last=pass_no == passes - 1)
             loss_value += loss.item()
-        torch.nn.utils.clip_grad_norm_(trainable_parameters(model), max_grad_norm)
-        opt.step()
-        last = loss_value
+        optimizer.step()
+        last = world.sum([loss_value])[0]
         if step == 0:
             first = last
         if on_step:

@@ -203,14 +203,14 @@ def test_rl_raises_reward_on_an_easy_task():
 def _record_first_step_grads(tr: RLTrainer) -> dict[str, torch.Tensor]:
     """Gradients as the optimizer sees them at its first step (clipping disabled by the caller)."""
     grads: dict[str, torch.Tensor] = {}
-    real_step = tr.opt.step
+    real_step = tr.optimizer.opt.step
 
     def step(*args, **kwargs):
         if not grads:
             grads.update({n: p.grad.clone() for n, p in tr.model.named_parameters() if p.grad is not None})
         return real_step(*args, **kwargs)
 
-    tr.opt.step = step
+    tr.optimizer.opt.step = step
     return grads
 
 

@@ -530,3 +530,31 @@ def test_validate_prints_warnings_and_succeeds(tmp_path: Path, capsys: pytest.Ca
 )
 def test_a_trailing_newline_is_not_part_of_a_name(patch: dict[str, Any], field: str) -> None:
     assert error(doc(patch)).startswith(f"{field}:")
+
+
+# ----------------------------------------------------------------------------------- distributed
+def test_distributed_defaults_and_nodes_on_training_stages() -> None:
+    run = parse_run(_real_model_doc(resources={"rl": {"gpus": 8, "nodes": 2}, "rft": {"nodes": 4}}))
+    assert run.spec.loop.distributed.zero_stage == 2 and run.spec.loop.distributed.timeout_seconds == 900
+    assert (run.spec.resources.rl.nodes, run.spec.resources.rft.nodes) == (2, 4)
+
+
+@pytest.mark.parametrize("kind", ["default", "eval", "rollout", "init", "verify"])
+def test_nodes_only_on_rl_and_rft(kind) -> None:
+    msg = error(_real_model_doc(resources={kind: {"nodes": 2}}))
+    assert msg.startswith(f"spec.resources.{kind}.nodes:") and "resources.rl.nodes" in msg
+
+
+@pytest.mark.parametrize(("distributed", "field", "fix"), [
+    ({"zeroStage": 2, "offloadParams": True}, "offloadParams", "zeroStage: 3"),
+    ({"zeroStage": 0, "offloadOptimizer": True}, "offloadOptimizer", "zeroStage: 2"),
+    ({"zeroStage": 4}, "zeroStage", "3"),
+])
+def test_bad_distributed_settings_name_the_field(distributed, field, fix) -> None:
+    msg = error(_real_model_doc(loop={"distributed": distributed}))
+    assert msg.startswith(f"spec.loop.distributed.{field}:") and fix in msg
+
+
+def test_lora_with_zero3_is_refused_with_the_fix() -> None:
+    msg = error(_real_model_doc(model={"base": "/models/x", "lora": {"r": 8}}, loop={"distributed": {"zeroStage": 3}}))
+    assert msg.startswith("spec.loop.distributed.zeroStage:") and "zeroStage 2" in msg
