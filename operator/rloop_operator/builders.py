@@ -11,7 +11,14 @@ import json
 from typing import Any
 
 from rloop.contracts import (
+    DEFAULT_MASTER_PORT,
+    DISTRIBUTED_STAGE_KINDS,
     EXIT_INVALID_INPUT,
+    MASTER_ADDR_ENV,
+    MASTER_PORT_ENV,
+    NNODES_ENV,
+    NODE_RANK_ENV,
+    NPROC_PER_NODE_ENV,
     RUN_MANIFEST_FILE_ENV,
     RUN_MANIFEST_SHA256_ENV,
     manifest_sha256,
@@ -23,9 +30,12 @@ from rloop_operator.naming import (
     ANNOTATION_ABANDONED,
     ANNOTATION_SPEC_GENERATION,
     ANNOTATION_SUSPENDED,
+    COMPLETION_INDEX_ANNOTATION,
     LABEL_KUEUE_QUEUE,
     job_labels,
     job_name,
+    nodes_service_name,
+    run_pod_selector,
 )
 
 CONTAINER = "stage"
@@ -45,6 +55,12 @@ DEFAULT_EPHEMERAL_STORAGE = "50Gi"
 DEFAULT_SHM_SIZE = "16Gi"
 """`/dev/shm` size of GPU pods without a memory setting (StageResources.shmSize)."""
 
+RENDEZVOUS_PORT_NAME = "rendezvous"
+"""Port of the headless Service: node 0's torch elastic store (MASTER_PORT); the chart's NetworkPolicy
+allows it between stage pods."""
+LOCAL_MASTER_ADDR = "127.0.0.1"
+"""Rendezvous address of a one-pod stage of several processes: they all run in that pod."""
+
 _RESOURCE_FIELDS = tuple(StageResources.model_fields)
 """Every pod setting merges field-wise (a new StageResources field needs no change here)."""
 
@@ -59,6 +75,18 @@ def stage_resources(spec: RLoopRunSpec, kind: str) -> StageResources:
     return StageResources.model_construct(
         **{f: v if (v := getattr(override, f)) is not None else getattr(default, f) for f in _RESOURCE_FIELDS}
     )
+
+
+def stage_nodes(spec: RLoopRunSpec, kind: str) -> int:
+    """Pods of one attempt of a `kind` stage: resources.<kind>.nodes for rl and rft, else 1."""
+    if kind not in DISTRIBUTED_STAGE_KINDS:
+        return 1  # the spec refuses nodes elsewhere; this keeps the builder from ever trusting that
+    return stage_resources(spec, kind).nodes or 1
+
+
+def stage_job_name(run_name: str, spec: RLoopRunSpec, stage: Stage, attempt: int) -> str:
+    """The Job name of this attempt: shorter for an Indexed Job (its pods' hostnames must fit)."""
+    return job_name(run_name, stage, attempt, indexed=stage_nodes(spec, stage.kind) > 1)
 
 
 def stage_args(stage: Stage, run_uri: str) -> list[str]:
@@ -112,6 +140,33 @@ def _env(run_name: str, namespace: str, spec: RLoopRunSpec) -> list[dict[str, An
     return env
 
 
+def _distributed_env(kind: str, res: StageResources, job: str, service: str) -> list[dict[str, Any]]:
+    """torchrun's topology for an rl or rft stage of more than one process (nodes x GPUs), else nothing.
+
+    `rloop stage` starts NPROC_PER_NODE workers itself (torch's elastic agent, static rendezvous): node
+    NODE_RANK of NNODES meets the others at node 0's MASTER_ADDR:MASTER_PORT. One pod: 127.0.0.1, rank 0.
+    Several (an Indexed Job): node 0's stable DNS name through the run's headless Service, and the rank
+    is the pod's completion index, read by the downward API from the annotation the Job controller sets
+    (also in JOB_COMPLETION_INDEX, which the stage falls back to)."""
+    if kind not in DISTRIBUTED_STAGE_KINDS:
+        return []
+    nodes, per_node = res.nodes or 1, max(res.gpus or 0, 1)
+    if nodes * per_node <= 1:
+        return []
+    if nodes == 1:
+        addr, rank = LOCAL_MASTER_ADDR, {"value": "0"}
+    else:
+        addr = f"{job}-0.{service}"
+        rank = {"valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}}}
+    return [
+        {"name": NNODES_ENV, "value": str(nodes)},
+        {"name": NODE_RANK_ENV, **rank},
+        {"name": NPROC_PER_NODE_ENV, "value": str(per_node)},
+        {"name": MASTER_ADDR_ENV, "value": addr},
+        {"name": MASTER_PORT_ENV, "value": str(DEFAULT_MASTER_PORT)},
+    ]
+
+
 def _container_resources(res: StageResources) -> dict[str, Any]:
     # Sized, so a stage filling its disk is evicted alone (and says so) instead of the node running out.
     scratch = res.ephemeral_storage or DEFAULT_EPHEMERAL_STORAGE
@@ -140,6 +195,7 @@ def _pod_spec(
     namespace: str,
     spec: RLoopRunSpec,
     stage: Stage,
+    attempt: int,
     run_uri: str,
     image: str,
     res: StageResources,
@@ -159,11 +215,13 @@ def _pod_spec(
     annotation = {"fieldPath": f"metadata.annotations['{RUN_MANIFEST_ANNOTATION}']"}
     volumes.append({"name": "run-manifest", "downwardAPI": {"items": [{"path": manifest_file, "fieldRef": annotation}]}})
     mounts.append({"name": "run-manifest", "mountPath": manifest_dir, "readOnly": True})
+    job = stage_job_name(run_name, spec, stage, attempt)
+    env = _env(run_name, namespace, spec) + _distributed_env(stage.kind, res, job, nodes_service_name(run_name))
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": image,
         "command": stage_args(stage, run_uri),
-        "env": _env(run_name, namespace, spec),
+        "env": env,
         "resources": _container_resources(res),
         "ports": [{"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
         "terminationMessagePath": TERMINATION_LOG,
@@ -202,6 +260,9 @@ def _pod_spec(
         # For the store's credentials (IRSA, EKS Pod Identity). automountServiceAccountToken stays off:
         # their webhooks project a token of their own; the API token is still not needed.
         pod["serviceAccountName"] = res.service_account_name
+    if stage_nodes(spec, stage.kind) > 1:
+        # With the Job controller's hostname `<job>-<index>`, the pod is `<job>-<index>.<service>` in DNS.
+        pod["subdomain"] = nodes_service_name(run_name)
     return pod
 
 
@@ -220,6 +281,18 @@ def pod_failure_policy() -> dict[str, Any]:
                 "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [EXIT_INVALID_INPUT]},
             },
         ]
+    }
+
+
+def _owner_reference(run_name: str, uid: str) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{API_GROUP}/{API_VERSION}",
+        "kind": KIND,
+        "name": run_name,
+        "uid": uid,
+        # Deleting the run deletes its Jobs (and their pods) and its Service; the store data is kept.
+        "controller": True,
+        "blockOwnerDeletion": True,
     }
 
 
@@ -244,20 +317,10 @@ def build_job(
     if spec.queue_name:
         job_meta_labels[LABEL_KUEUE_QUEUE] = spec.queue_name
     metadata: dict[str, Any] = {
-        "name": job_name(run_name, stage, attempt),
+        "name": stage_job_name(run_name, spec, stage, attempt),
         "namespace": namespace,
         "labels": job_meta_labels,
-        "ownerReferences": [
-            {
-                "apiVersion": f"{API_GROUP}/{API_VERSION}",
-                "kind": KIND,
-                "name": run_name,
-                "uid": uid,
-                # Deleting the run deletes its Jobs (and their pods); the store data is kept.
-                "controller": True,
-                "blockOwnerDeletion": True,
-            }
-        ],
+        "ownerReferences": [_owner_reference(run_name, uid)],
     }
     annotations: dict[str, str] = {}
     if generation is not None:
@@ -278,12 +341,58 @@ def build_job(
                 "labels": dict(labels),
                 "annotations": {RUN_MANIFEST_ANNOTATION: run_manifest(run_name, namespace, spec)},
             },
-            "spec": _pod_spec(run_name, namespace, spec, stage, run_uri, image, res),
+            "spec": _pod_spec(run_name, namespace, spec, stage, attempt, run_uri, image, res),
         },
     }
     if res.active_deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = res.active_deadline_seconds
+    job_spec |= _indexed_fields(stage_nodes(spec, stage.kind))
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": job_spec}
+
+
+def _indexed_fields(nodes: int) -> dict[str, Any]:
+    """A stage of several pods is one Indexed Job: all pods at once (completions = parallelism), each
+    with its index. backoffLimit 0 and the pod failure policy apply to the whole Job, so any pod failing
+    fails it at once and the Job controller terminates the other pods: no node waits on a dead peer, and
+    the operator's next attempt is the retry. Kueue admits an Indexed Job as one Workload of
+    `parallelism` pods (all or nothing), from the queue label the Job already carries."""
+    if nodes <= 1:
+        return {}
+    return {"completionMode": "Indexed", "completions": nodes, "parallelism": nodes}
+
+
+def needs_nodes_service(job: dict[str, Any]) -> bool:
+    """Whether a built Job's pods find each other through the run's headless Service."""
+    return (job.get("spec") or {}).get("completionMode") == "Indexed"
+
+
+def build_headless_service(run_name: str, namespace: str, uid: str) -> dict[str, Any]:
+    """The run's headless Service (`nodes_service_name`), the `subdomain` of its Indexed Jobs' pods.
+
+    No cluster IP: it only publishes DNS records of the selected pods, so `<job>-0.<service>` is node 0.
+    Not-ready pods are published too: the nodes rendezvous while starting, before any of them could be
+    ready. One per run, for all its stages and attempts (a pod's hostname tells them apart), owned by the
+    run so it goes with it."""
+    labels = run_pod_selector(run_name)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": nodes_service_name(run_name),
+            "namespace": namespace,
+            "labels": dict(labels),
+            "ownerReferences": [_owner_reference(run_name, uid)],
+        },
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": dict(labels),
+            "ports": [
+                {"name": RENDEZVOUS_PORT_NAME, "port": DEFAULT_MASTER_PORT, "targetPort": DEFAULT_MASTER_PORT,
+                 "protocol": "TCP"}
+            ],
+        },
+    }
 
 
 def abandon_patch(reason: str, message: str, time: str) -> dict[str, Any]:

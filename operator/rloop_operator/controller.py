@@ -16,11 +16,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from rloop.redact import redact_uris
-from rloop_operator.builders import CONTAINER, resume_patch, suspend_patch
+from rloop_operator.builders import CONTAINER, needs_nodes_service, resume_patch, suspend_patch
 from rloop_operator.faults import REFUSAL_BACKOFF_MAX_SECONDS, Refusal
 from rloop_operator.jobs import (
     JobView,
     PodProblem,
+    completion_index,
     format_time,
     job_of_pod,
     missing_pod,
@@ -170,8 +171,9 @@ class Controller:
         pods = self.api.list_pods(namespace, run_selector(run))
         problems = pod_problems(pods, CONTAINER) if stalled else {}
         for view in stalled:
-            if view.name not in problems and not any(job_of_pod(p) == view.name for p in pods):
-                problems[view.name] = missing_pod(view)
+            present = len({completion_index(p) for p in pods if job_of_pod(p) == view.name})
+            if view.name not in problems and present < view.pods:
+                problems[view.name] = missing_pod(view, present)
         if missing:
             found = termination_messages(pods, CONTAINER)
             for uid, name in missing:
@@ -194,8 +196,14 @@ class Controller:
         conflict: float | None = None
         not_created: set[str] = set()
         refused: dict[str, Refusal] = {}
+        service_refused = self._create_services(key, actions)
         for body in actions.create_jobs:
             job = body["metadata"]["name"]
+            if service_refused is not None and needs_nodes_service(body):
+                # Its pods could not find node 0: not created, and the status says why, as for the Job.
+                refused[job] = service_refused
+                not_created.add(job)
+                continue
             if job in versions:
                 # Listed but not observed as ours: another owner's Job of the same name (a deleted run of
                 # the same name whose Jobs are still being garbage-collected). Wait for it to go.
@@ -224,6 +232,22 @@ class Controller:
         if actions.create_jobs and not refused:
             self._refusals.pop(key, None)
         return not_created, conflict, refused
+
+    def _create_services(self, key: RunKey, actions: Actions) -> Refusal | None:
+        """Create the Services the pass's Indexed Jobs need (an existing one is fine: one per run).
+        Returns what the API refused, if it did."""
+        namespace, name = key
+        for body in actions.create_services:
+            service = body["metadata"]["name"]
+            try:
+                created = self.api.create_service(namespace, body)
+            except CreateRefused as err:
+                log.warning("%s/%s: the API server refused Service %s: %s", namespace, name, service, err)
+                return Refusal(err.status, err.reason, f"Service {service}: {err.message}",
+                               retry_after=self._refusal_delay(key))
+            if created is not None:
+                log.info("%s/%s: created Service %s", namespace, name, service)
+        return None
 
     def _refusal_delay(self, key: RunKey) -> float:
         n = self._refusals[key] = self._refusals.get(key, 0) + 1

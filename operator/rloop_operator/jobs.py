@@ -19,6 +19,7 @@ from rloop_operator.naming import (
     ANNOTATION_ABANDONED,
     ANNOTATION_SPEC_GENERATION,
     ANNOTATION_SUSPENDED,
+    COMPLETION_INDEX_ANNOTATION,
     LABEL_KUEUE_QUEUE,
     LABEL_RUN,
     label_value,
@@ -79,6 +80,8 @@ class JobView:
     """The run's metadata.generation the Job was made from (its annotation)."""
     problem: PodProblem | None = None
     """Unfinished and its pod not running: why (None while it runs, or when its pods are not known)."""
+    pods: int = 1
+    """Pods the attempt runs at once: the nodes of an Indexed Job, else 1."""
 
     @property
     def finished(self) -> bool:
@@ -214,6 +217,13 @@ def abandoned(annotations: dict[str, Any]) -> dict[str, str] | None:
     return {k: clean_line(str(doc.get(k) or ""), DETAIL_MAX) for k in ("time", "reason", "message")}
 
 
+def pods_of_job(spec: dict[str, Any]) -> int:
+    """Pods that must succeed: `completions` of an Indexed Job (the nodes of one stage attempt), else 1."""
+    if spec.get("completionMode") != "Indexed":
+        return 1
+    return max(_int(spec.get("completions")), 1)
+
+
 def view_job(job: dict[str, Any], message: Any = None, problem: PodProblem | None = None) -> JobView | None:
     """A JobView of an observed Job (None when its labels do not name a stage and attempt); `problem`:
     why its pod is not running, when the caller looked."""
@@ -228,14 +238,19 @@ def view_job(job: dict[str, Any], message: Any = None, problem: PodProblem | Non
     summary = parse_termination_message(message)
     complete = _condition(status, "Complete")
     failed = _condition(status, "Failed")
+    pods = pods_of_job(spec)
+    succeeded = _int(status.get("succeeded"))
     # backoffLimit is 0, so one failed pod fails the Job even before the controller adds its condition.
-    if _int(status.get("succeeded")) >= 1 or complete:
+    if succeeded >= pods or complete:
         state: JobState = "Succeeded"
     elif _int(status.get("failed")) >= 1 or failed:
         state = "Failed"
-    elif _int(status.get("ready")) >= 1 or (_int(status.get("active")) >= 1 and "ready" not in status):
+    elif succeeded + _int(status.get("ready")) >= pods or (
+        succeeded + _int(status.get("active")) >= pods and "ready" not in status
+    ):
         # An active pod that is not ready (ImagePullBackOff, a missing Secret key, a lost node) is not
         # running yet; clusters before 1.24 report no `ready`, and there an active pod counts as running.
+        # A stage of several pods runs once every pod does (its nodes wait for each other until then).
         state = "Running"
     else:
         state = "Pending"
@@ -266,6 +281,7 @@ def view_job(job: dict[str, Any], message: Any = None, problem: PodProblem | Non
         summary=summary,
         generation=_generation(annotations),
         problem=problem if state == "Pending" else None,
+        pods=pods,
     )
 
 
@@ -313,17 +329,34 @@ def needs_message(view: JobView) -> bool:
     return view.state == "Failed" or (view.state == "Succeeded" and view.stage.kind in SUMMARY_KINDS)
 
 
+def completion_index(pod: dict[str, Any]) -> int | None:
+    """The pod's index in an Indexed Job (COMPLETION_INDEX_ANNOTATION), None for other pods."""
+    text = ((pod.get("metadata") or {}).get("annotations") or {}).get(COMPLETION_INDEX_ANNOTATION)
+    return int(text) if isinstance(text, str) and text.isdigit() and len(text) <= 6 else None
+
+
+def _message_rank(pod: dict[str, Any], terminated: dict[str, Any]) -> tuple[int, int, int]:
+    """Which pod of an Indexed Job speaks for it (smallest first). Node 0 writes the stage's summary, so
+    its message is the Job's when the stage succeeded. When the Job failed, the pod that failed on its
+    own says why: the Job controller deletes the others (deletionTimestamp), so a pod still there with a
+    non-zero exit comes first, and among several such the lowest index."""
+    deleted = 1 if (pod.get("metadata") or {}).get("deletionTimestamp") else 0
+    exited_zero = 1 if _int(terminated.get("exitCode")) == 0 else 0
+    return deleted, exited_zero, completion_index(pod) or 0
+
+
 def termination_messages(pods: list[dict[str, Any]], container: str) -> dict[str, str]:
-    """Job name → the termination message of its pod's terminated `container` (latest pod wins).
+    """Job name → the termination message of its pod's terminated `container`.
 
     Pods come from a LIST; a Job has one pod (restartPolicy Never, backoffLimit 0) unless a disruption
-    replaced it, in which case the most recently started one is the one that decided the Job."""
-    found: dict[str, tuple[str, str]] = {}
+    replaced it, in which case the most recently started one is the one that decided the Job (latest pod
+    wins). Of the pods of an Indexed Job (a stage of several nodes), `_message_rank` picks the one."""
+    latest: dict[str, tuple[str, str]] = {}
+    ranked: dict[str, tuple[tuple[int, int, int], str]] = {}
     for pod in pods:
         if not isinstance(pod, dict):
             continue
-        labels = (pod.get("metadata") or {}).get("labels") or {}
-        job = next((labels[k] for k in JOB_NAME_LABELS if isinstance(labels.get(k), str)), None)
+        job = job_of_pod(pod)
         status = pod.get("status") or {}
         for cs in status.get("containerStatuses") or []:
             if not isinstance(cs, dict) or cs.get("name") != container:
@@ -331,10 +364,16 @@ def termination_messages(pods: list[dict[str, Any]], container: str) -> dict[str
             terminated = (cs.get("state") or {}).get("terminated")
             if job is None or not isinstance(terminated, dict):
                 continue
+            message = str(terminated.get("message") or "")[:MESSAGE_MAX]
+            if completion_index(pod) is not None:
+                rank = _message_rank(pod, terminated)
+                if job not in ranked or rank < ranked[job][0]:
+                    ranked[job] = (rank, message)
+                continue
             started = str(terminated.get("startedAt") or status.get("startTime") or "")
-            if job not in found or started >= found[job][0]:
-                found[job] = (started, str(terminated.get("message") or "")[:MESSAGE_MAX])
-    return {job: message for job, (_, message) in found.items()}
+            if job not in latest or started >= latest[job][0]:
+                latest[job] = (started, message)
+    return {job: message for job, (_, message) in (latest | ranked).items()}
 
 
 def needs_pods(view: JobView) -> bool:
@@ -347,8 +386,10 @@ NO_POD = "NoPod"
 """PodProblem reason of a started Job that has no pod at all: the Job controller's pod creates are refused."""
 
 
-def missing_pod(view: JobView) -> PodProblem:
-    return PodProblem(NO_POD, "the Job has no pod: its pod creates are refused (a ResourceQuota, LimitRange "
+def missing_pod(view: JobView, present: int = 0) -> PodProblem:
+    """Why a started Job has fewer live pods (`present`) than it runs at once."""
+    have = "no pod" if present == 0 else f"{present} of its {view.pods} pods"
+    return PodProblem(NO_POD, f"the Job has {have}: its pod creates are refused (a ResourceQuota, LimitRange "
                       "or admission webhook; see `kubectl describe job`)", view.start_time)
 
 
@@ -393,18 +434,21 @@ def pod_problem(pod: dict[str, Any], container: str) -> PodProblem | None:
 
 
 def pod_problems(pods: list[dict[str, Any]], container: str) -> dict[str, PodProblem]:
-    """Job name → why its newest live pod is not running (Jobs whose pod runs are absent)."""
-    newest: dict[str, tuple[str, dict[str, Any]]] = {}
+    """Job name → why its newest live pod is not running (Jobs whose pod runs are absent). An Indexed
+    Job runs only when all its pods do: the newest pod of each index counts, the lowest index that is
+    not running names the problem."""
+    newest: dict[tuple[str, int], tuple[str, dict[str, Any]]] = {}
     for pod in pods:
         if not isinstance(pod, dict) or (pod.get("metadata") or {}).get("deletionTimestamp"):
             continue
         job = job_of_pod(pod)
+        slot = (str(job), completion_index(pod) or 0)
         created = str((pod.get("metadata") or {}).get("creationTimestamp") or "")
-        if job is not None and (job not in newest or created >= newest[job][0]):
-            newest[job] = (created, pod)
+        if job is not None and (slot not in newest or created >= newest[slot][0]):
+            newest[slot] = (created, pod)
     out: dict[str, PodProblem] = {}
-    for job, (_, pod) in newest.items():
+    for (job, _), (_, pod) in sorted(newest.items(), key=lambda item: item[0]):
         problem = pod_problem(pod, container)
-        if problem is not None:
+        if problem is not None and job not in out:
             out[job] = problem
     return out

@@ -57,6 +57,7 @@ API_CALLS: tuple[ApiCall, ...] = (
     ApiCall("batch", "jobs", "create"),
     ApiCall("batch", "jobs", "patch"),
     ApiCall("", "pods", "list"),
+    ApiCall("", "services", "create"),
     ApiCall("", "events", "create"),
 )
 """What this module calls. kopf additionally lists and watches rloopruns and jobs (see handlers.py)."""
@@ -133,6 +134,19 @@ class KubeApi:
         answers with a Status (invalid, forbidden, over quota, unavailable)."""
         try:
             resp = self._batch.create_namespaced_job(namespace, body, **_RAW)
+        except ApiException as err:
+            if err.status == 409:
+                return None
+            if err.status in (400, 403, 422, 429) or (err.status or 0) >= 500:
+                raise CreateRefused.from_api(err) from None
+            raise
+        return _json(resp)
+
+    def create_service(self, namespace: str, body: dict[str, Any]) -> dict[str, Any] | None:
+        """The created Service, or None when it exists already (the run's, from an earlier attempt).
+        CreateRefused as for `create_job`."""
+        try:
+            resp = self._core.create_namespaced_service(namespace, body, **_RAW)
         except ApiException as err:
             if err.status == 409:
                 return None

@@ -35,6 +35,16 @@ ANNOTATION_ABANDONED = "rloop.dev/abandoned"
 """Set, with the Job suspended, when its pod never ran within retry.pendingTimeoutSeconds: the attempt
 counts as failed from then on. JSON: {"time": RFC 3339, "reason": the pod's waiting reason, "message"}."""
 
+COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+"""Annotation (and, since Kubernetes 1.28, label) the Job controller puts on each pod of an Indexed Job:
+its index, 0..completions-1. The stage's NODE_RANK comes from it (downward API)."""
+INDEX_SUFFIX_MAX = len("-255")
+"""`-<index>` of the last pod of the widest Indexed Job (resources.<kind>.nodes is at most 256)."""
+INDEXED_MAX_NAME = MAX_NAME - INDEX_SUFFIX_MAX
+"""Names of Indexed Jobs are shorter: the Job controller sets each pod's hostname to `<job>-<index>`
+without cutting it, and a hostname is a DNS label (63); a longer one and no pod is ever created."""
+NODES_SERVICE_SUFFIX = "-nodes"
+
 BASE_ITERATION = "base"
 """`rloop.dev/iteration` of base-policy stages (init, base eval), which belong to no iteration."""
 
@@ -46,25 +56,45 @@ def _hash8(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
-def job_name(run: str, stage: Stage, attempt: int) -> str:
+def job_name(run: str, stage: Stage, attempt: int, *, indexed: bool = False) -> str:
     """`<run>-i<k>-<kind>[-<set>]-a<attempt>` (`b` instead of `i<k>` for base stages).
 
-    Lowercase DNS-1123 label. Past 63 characters (or when the run name had characters a label cannot
-    hold, e.g. dots) the head is cut and `-<8 hex of sha256 of the full name>-a<attempt>` appended, so
-    the name stays unique, deterministic, and still ends with the attempt (readable in `kubectl get`).
+    Lowercase DNS-1123 label. Past 63 characters (INDEXED_MAX_NAME for an Indexed Job, so that its pods'
+    hostnames fit) or when the run name had characters a label cannot hold (e.g. dots), the head is cut
+    and `-<8 hex of sha256 of the full name>-a<attempt>` appended, so the name stays unique,
+    deterministic, and still ends with the attempt (readable in `kubectl get`).
     """
     if attempt < 0:
         raise ValueError(f"attempt must be >= 0, got {attempt}")
     it = "b" if stage.iteration is None else f"i{stage.iteration}"
     parts = [run, it, stage.kind, *([stage.eval_set] if stage.eval_set else []), f"a{attempt}"]
     full = "-".join(parts)
+    limit = INDEXED_MAX_NAME if indexed else MAX_NAME
     clean = _NOT_DNS.sub("-", full.lower()).strip("-")
-    if clean == full and len(full) <= MAX_NAME:
+    if clean == full and len(full) <= limit:
         return full
     # Hash the *unsanitised* name: `a.b` and `a-b` must not collide after sanitising.
     suffix = f"-{_hash8(full)}-a{attempt}"
-    head = clean[: MAX_NAME - len(suffix)].rstrip("-")
+    head = clean[: limit - len(suffix)].rstrip("-")
     return f"{head}{suffix}" if head else suffix.lstrip("-")
+
+
+def nodes_service_name(run: str) -> str:
+    """`<run>-nodes`: the headless Service giving the pods of a run's Indexed Jobs their DNS names
+    (`<job>-<index>.<service>`), so node 0 is the rendezvous address of the others.
+
+    A Service name is a DNS-1035 label (63, starts with a letter), stricter than a run name (a DNS
+    subdomain of up to 253 characters, may start with a digit or hold dots): otherwise the head is cut
+    and `-<8 hex of sha256 of the run name>-nodes` appended (`r` first when it would start with a digit)."""
+    full = f"{run}{NODES_SERVICE_SUFFIX}"
+    clean = _NOT_DNS.sub("-", full.lower()).strip("-")
+    if clean == full and len(full) <= MAX_NAME and full[0].isalpha():
+        return full
+    suffix = f"-{_hash8(run)}{NODES_SERVICE_SUFFIX}"
+    head = clean[: MAX_NAME - len(suffix) - 1].removesuffix(NODES_SERVICE_SUFFIX).rstrip("-")
+    if not head[:1].isalpha():
+        head = f"r{head}"
+    return f"{head}{suffix}"
 
 
 def label_value(text: str) -> str:
@@ -93,6 +123,11 @@ def job_labels(run: str, stage: Stage, attempt: int) -> dict[str, str]:
         LABEL_ATTEMPT: str(attempt),
         LABEL_MANAGED_BY: MANAGED_BY,
     }
+
+
+def run_pod_selector(run: str) -> dict[str, str]:
+    """Labels every stage pod of the run carries (the selector of its headless Service)."""
+    return {LABEL_RUN: label_value(run), LABEL_MANAGED_BY: MANAGED_BY}
 
 
 def run_selector(run: str) -> str:

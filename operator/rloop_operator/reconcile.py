@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from rloop.plan import Stage, dependencies, plan, policy_out
 from rloop.spec import RLoopRunSpec, RLoopRunStatus, SpecError, clean_line, parse_spec, spec_warnings
-from rloop_operator.builders import build_job
+from rloop_operator.builders import build_headless_service, build_job, needs_nodes_service, stage_job_name
 from rloop_operator.conditions import CONDITION_TYPES, get_condition, set_condition
 from rloop_operator.faults import (
     JOB_REJECTED,
@@ -37,7 +37,6 @@ from rloop_operator.faults import (
     still_rejected,
 )
 from rloop_operator.jobs import JobView, PodProblem, format_time, observe_jobs, parse_time, stage_order
-from rloop_operator.naming import job_name
 
 HISTORY_LIMIT = 20
 """Stage attempts kept in status.history; the Jobs themselves (and the store) keep everything."""
@@ -85,6 +84,9 @@ class Observed:
 class Actions:
     """What the API layer should do; every list is safe to apply again (creates may hit AlreadyExists)."""
 
+    create_services: list[dict[str, Any]] = field(default_factory=list)
+    """Created before `create_jobs`: the run's headless Service, when one of them is an Indexed Job
+    (its pods resolve node 0 through it; AlreadyExists is success)."""
     create_jobs: list[dict[str, Any]] = field(default_factory=list)
     suspend_jobs: list[str] = field(default_factory=list)
     resume_jobs: list[str] = field(default_factory=list)
@@ -224,8 +226,11 @@ def _stale(view: JobView, generation: int | None) -> bool:
 def _decide(
     name: str, spec: RLoopRunSpec, stage: Stage, views: list[JobView], now: datetime, generation: int | None = None
 ) -> _Decision:
+    def attempt_job(attempt: int) -> str:  # the name build_job gives it (shorter for an Indexed Job)
+        return stage_job_name(name, spec, stage, attempt)
+
     if not views:
-        return _Decision(stage, "create", job_name(name, stage, 0), 0)
+        return _Decision(stage, "create", attempt_job(0), 0)
     latest = views[-1]
     if not latest.finished:
         problem = latest.problem
@@ -233,9 +238,9 @@ def _decide(
                          reason="StagePending" if problem else "", message=problem.text() if problem else "")
     nxt = latest.attempt + 1
     if latest.state == "Succeeded":  # its output was invalidated since: make it again, now
-        return _Decision(stage, "create", job_name(name, stage, nxt), nxt)
+        return _Decision(stage, "create", attempt_job(nxt), nxt)
     if _stale(latest, generation):  # the spec changed since it was refused: try the new one, now
-        return _Decision(stage, "create", job_name(name, stage, nxt), nxt)
+        return _Decision(stage, "create", attempt_job(nxt), nxt)
     if latest.failure == "disrupted":  # evicted or preempted: not the stage's fault, restart at once
         disruptions = sum(v.failure == "disrupted" for v in views)
         if disruptions > spec.retry.disruption_limit:
@@ -245,7 +250,7 @@ def _decide(
                 f"(retry.disruptionLimit {spec.retry.disruption_limit}); last Job {latest.name}: {latest.detail}; "
                 "raise retry.disruptionLimit, or give the stage a higher priorityClassName",
             )
-        return _Decision(stage, "create", job_name(name, stage, nxt), nxt)
+        return _Decision(stage, "create", attempt_job(nxt), nxt)
     if latest.failure == "invalid":
         return _Decision(
             stage,
@@ -275,8 +280,8 @@ def _decide(
             )
         due = (latest.finished_at or now) + timedelta(seconds=STORE_UNAVAILABLE_BACKOFF_SECONDS)
         if due <= now:
-            return _Decision(stage, "create", job_name(name, stage, nxt), nxt)
-        return _Decision(stage, "waiting", job_name(name, stage, nxt), nxt, due=due, reason="StoreUnavailable",
+            return _Decision(stage, "create", attempt_job(nxt), nxt)
+        return _Decision(stage, "waiting", attempt_job(nxt), nxt, due=due, reason="StoreUnavailable",
                          message=str(latest.detail or ""))
     if failures > spec.retry.limit:
         return _Decision(
@@ -291,8 +296,8 @@ def _decide(
     finished = latest.finished_at
     due = now if finished is None else finished + timedelta(seconds=retry_delay(spec, failures))
     if due <= now:
-        return _Decision(stage, "create", job_name(name, stage, nxt), nxt)
-    return _Decision(stage, "waiting", job_name(name, stage, nxt), nxt, due=due)
+        return _Decision(stage, "create", attempt_job(nxt), nxt)
+    return _Decision(stage, "waiting", attempt_job(nxt), nxt, due=due)
 
 
 # ------------------------------------------------------------------------------------------ status
@@ -654,6 +659,8 @@ def reconcile(obs: Observed, *, default_image: str) -> Actions:
                 )
                 for d in created
             ]
+            if any(needs_nodes_service(job) for job in actions.create_jobs):
+                actions.create_services = [build_headless_service(obs.name, obs.namespace, obs.uid)]
             active = [d for d in decisions if d.kind in ("create", "running")]
             running = [f"{d.stage.id} (Job {d.job})" for d in active if d.reason != "StagePending"]
             pending = [f"{d.stage.id} (Job {d.job}: {d.message[:200]})" for d in active if d.reason == "StagePending"]

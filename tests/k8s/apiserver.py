@@ -85,6 +85,7 @@ EVENTS = "v1/events"
 SECRETS = "v1/secrets"
 CONFIGMAPS = "v1/configmaps"
 SERVICEACCOUNTS = "v1/serviceaccounts"
+SERVICES = "v1/services"
 JOBS = "batch/v1/jobs"
 CRDS = "apiextensions.k8s.io/v1/customresourcedefinitions"
 LEASES = "coordination.k8s.io/v1/leases"
@@ -100,6 +101,7 @@ RESOURCES: dict[str, tuple[str, bool, tuple[str, ...], tuple[str, ...]]] = {
     SECRETS: ("Secret", True, (), ()),
     CONFIGMAPS: ("ConfigMap", True, (), ("cm",)),
     SERVICEACCOUNTS: ("ServiceAccount", True, (), ("sa",)),
+    SERVICES: ("Service", True, ("status",), ("svc",)),  # stored only: no endpoints, no DNS
     JOBS: ("Job", True, ("status",), ()),
     CRDS: ("CustomResourceDefinition", False, ("status",), ("crd", "crds")),
     LEASES: ("Lease", True, (), ()),

@@ -372,6 +372,7 @@ _CORE_KINDS = {
     "job": ("batch", "jobs"),
     "pod": ("", "pods"),
     "event": ("", "events"),
+    "service": ("", "services"),
     "lease": ("coordination.k8s.io", "leases"),
 }
 _CLIENTS = ("_custom", "_batch", "_core", "_coordination")
