@@ -1,7 +1,8 @@
 """One RL trainer step pair and one RFT run on fixed data, written to a file: run once as a single
 process (plain torch) and under torchrun with several processes (DeepSpeed ZeRO); the test compares.
 
-Usage: python equivalence_worker.py OUT.pt ZERO_STAGE      (under torchrun: the same arguments)
+Usage: python equivalence_worker.py OUT.pt ZERO_STAGE [offload]   (under torchrun: the same arguments)
+`offload`: optimizer state (and with ZeRO-3 the parameters) offloaded to host memory.
 
 The rollout engine is scripted (fixed completions per prompt, whatever the process or seed), so every
 process count trains on exactly the same data: what differs is only how the update is spread.
@@ -67,8 +68,9 @@ def flat(model) -> torch.Tensor:
     return torch.cat([p.detach().float().flatten().cpu() for p in model.parameters()])
 
 
-def main(out_path: str, zero_stage: int) -> None:
-    dist_cfg = DistributedSpec(zero_stage=zero_stage, timeout_seconds=120)
+def main(out_path: str, zero_stage: int, offload: bool = False) -> None:
+    dist_cfg = DistributedSpec(zero_stage=zero_stage, timeout_seconds=120, offload_optimizer=offload,
+                               offload_params=offload and zero_stage == 3)
     world = init_world(dist_cfg.timeout_seconds)
     torch.manual_seed(0)
     model, tok = build_tiny(TinyModel(hidden_size=32, layers=2, heads=2, seed=0))
@@ -106,4 +108,4 @@ def main(out_path: str, zero_stage: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    main(sys.argv[1], int(sys.argv[2]), offload=sys.argv[3:] == ["offload"])

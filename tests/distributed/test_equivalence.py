@@ -1,4 +1,5 @@
-"""A step under DeepSpeed ZeRO over 2 processes (torchrun, gloo on CPU) is the one-process step:
+"""A step under DeepSpeed ZeRO over 2 processes (torchrun, gloo on CPU; ZeRO-2, ZeRO-3, and ZeRO-3 with
+optimizer and parameter offload) is the one-process step:
 the same RL metrics and RFT losses, and the same parameters after, on the same data.
 
 Tolerances (float32): metrics and losses within 1e-6 (the processes only reorder a sum); parameters
@@ -51,11 +52,14 @@ def one_process(tmp_path_factory) -> dict:
     return _run([sys.executable, str(WORKER), str(out), "2"], out)
 
 
-@pytest.mark.parametrize("zero_stage", [2, 3])
-def test_two_processes_match_one(one_process, zero_stage, tmp_path):
+@pytest.mark.parametrize(("zero_stage", "offload"), [(2, False), (3, False), (3, True)],
+                         ids=["zero2", "zero3", "zero3-offload"])
+def test_two_processes_match_one(one_process, zero_stage, offload, tmp_path):
+    """zero3-offload: Adam state and parameters in host memory (ZeRO-Offload / -Infinity)."""
     out = tmp_path / f"zero{zero_stage}.pt"
     two = _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-                "--master-port", str(_free_port()), str(WORKER), str(out), str(zero_stage)], out)
+                "--master-port", str(_free_port()), str(WORKER), str(out), str(zero_stage),
+                *(["offload"] if offload else [])], out)
     assert (one_process["world"], two["world"]) == (1, 2)
     # [loss, grad_norm, entropy, kl, trained_responses] per RL step; the first prompt's group is unscorable,
     # so one process trains on fewer rows than the other (and runs idle passes) in step 0.
