@@ -75,3 +75,19 @@ def test_two_processes_match_one(one_process, zero_stage, offload, tmp_path):
     # and the steps did something: policies that stood still would match trivially
     for key in ("rl", "sft"):
         assert (one_process[f"{key}_params"] - one_process[f"{key}_start"]).abs().max().item() > 1e-3
+
+
+def test_a_hung_peer_fails_the_collective_after_the_timeout():
+    """`loop.distributed.timeoutSeconds` reaches the process group: with a peer that hangs, rank 0's
+    collective fails after it (here 5 s) and the agent stops the hung process, so the stage ends."""
+    import time
+
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                           "127.0.0.1", "--master-port", str(_free_port()), str(WORKER.with_name("hung_peer_worker.py")),
+                           "5"], env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    elapsed = time.monotonic() - t0
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "rank 0: collective failed after" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    waited = float(proc.stdout.split("collective failed after ")[1].split(" s")[0])
+    assert 4.0 <= waited < 30.0 and elapsed < 90.0, (waited, elapsed)
