@@ -181,6 +181,8 @@ def deepspeed_config(cfg: DistributedSpec, *, lr: float, weight_decay: float, ma
     }
     if dtype == "bfloat16":  # bf16 weights and activations, fp32 master weights in the optimizer
         config["bf16"] = {"enabled": True}
+        if cfg.zero_stage >= 1:  # micro-batch gradients summed in fp32, not bf16 (ZeRO-0 cannot)
+            config["data_types"] = {"grad_accum_dtype": "fp32"}
     return config
 
 
