@@ -192,6 +192,8 @@ class DeepSpeedOptimizer:
     def __init__(self, model, world: World, config: dict[str, Any]):
         import deepspeed
 
+        if not torch.cuda.is_available():
+            _skip_cpu_inference_comm_op()
         self.world, self.zero_stage = world, config["zero_optimization"]["stage"]
         self.engine, *_ = deepspeed.initialize(model=model, config=config,
                                                model_parameters=trainable_parameters(model))
@@ -239,6 +241,18 @@ def unsharded_copy(model):
     fresh = type(model)._from_config(model.config, dtype=param.dtype).to(param.device)
     fresh.load_state_dict({k: v.detach().clone() for k, v in model.state_dict().items()})
     return fresh.train(model.training)
+
+
+def _skip_cpu_inference_comm_op() -> None:
+    """On CPU, DeepSpeed's communication backend compiles a shared-memory all-reduce op (C++, about two
+    minutes on 2 cores, once per TORCH_EXTENSIONS_DIR) at its first start. Only its inference all-reduce
+    uses that op, never ZeRO training, which goes through the process group (gloo); so it is not built."""
+    import importlib
+
+    # importlib, not `import ... as`: the package's own `torch` attribute is the torch module itself.
+    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
+    if hasattr(ds_torch_comm, "build_shm_op"):
+        ds_torch_comm.build_shm_op = lambda: None
 
 
 def uses_deepspeed(world: World, cfg: DistributedSpec | None) -> bool:
