@@ -109,8 +109,9 @@ def sft_train(
             del order[:batch_size]
         tokens = float(sum(len(r) for _, r in batch_pairs))
         mine = world.shard(batch_pairs)
-        micro = micro_batch_size or len(world.shard(batch_pairs, rank=0))  # rank 0's share is the largest
-        passes = -(-len(world.shard(batch_pairs, rank=0)) // micro)
+        largest_share = len(world.shard(batch_pairs, rank=0))  # shares differ by one at most, rank 0's first
+        micro = micro_batch_size or largest_share
+        passes = -(-largest_share // micro)
         optimizer.zero_grad()
         loss_value = 0.0
         for pass_no in range(passes):

@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 
 from rloop_operator.naming import COMPLETION_INDEX_ANNOTATION, nodes_service_name
-from tests.integration.test_operator_e2e import BIN, NS, Cluster, stage_of
-from tests.k8s.apiserver import JOBS, PODS, SERVICES, start
-from tests.k8s.kubelet import Kubelet, map_executables, pod_processes
-from tests.k8s.operator import OperatorProcess, wait_for
+from tests.integration.test_operator_e2e import NS, Cluster, running_cluster, stage_of
+from tests.k8s.apiserver import JOBS, PODS, SERVICES
+from tests.k8s.kubelet import pod_processes
+from tests.k8s.operator import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.distributed, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -31,36 +31,8 @@ FAILURE_BOUND = 60.0
 
 @pytest.fixture(scope="module")
 def cluster(seaweedfs, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("operator-distributed")
-    server = start()
-    server.create_namespace(NS)
-    server.create_secret(NS, "s3", {**seaweedfs.env()})
-    kubelet = Kubelet(
-        server,
-        namespace=NS,
-        translate=map_executables({"rloop": str(BIN / "rloop")}),
-        max_concurrency=2,  # the two pods of an rl attempt run together
-        poll_interval=0.2,
-        extra_env={
-            "RLOOP_CACHE": str(tmp / "cache"),
-            "OMP_NUM_THREADS": "1",
-            "MKL_NUM_THREADS": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-            "TQDM_DISABLE": "1",
-            "HOME": str(tmp / "home"),
-        },
-        workdir=tmp / "kubelet",
-    ).start()
-    operator = OperatorProcess(server, tmp / "operator.log", namespace=NS).start()
-    c = Cluster(server, kubelet, operator, seaweedfs, f"dist-{tmp.name}", tmp)
-    try:
+    with running_cluster(seaweedfs, tmp_path_factory.mktemp("operator-distributed"), "dist") as c:
         yield c
-    finally:
-        operator.stop()
-        kubelet.stop()
-        server.stop()
-        print(f"\noperator log: {operator.log_path}")
-    assert not kubelet.errors, kubelet.errors
 
 
 def two_node_run(cluster: Cluster, name: str, **spec: Any) -> dict[str, Any]:

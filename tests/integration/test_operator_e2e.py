@@ -11,10 +11,12 @@ run deletes its Jobs and keeps its data.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -151,9 +153,10 @@ def stage_of(job: dict[str, Any]) -> str:
     return job["metadata"]["labels"]["rloop.dev/stage"]
 
 
-@pytest.fixture(scope="module")
-def cluster(seaweedfs, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("operator-e2e")
+@contextlib.contextmanager
+def running_cluster(seaweedfs, tmp: Path, prefix: str) -> Iterator[Cluster]:
+    """The emulator, the test kubelet (two pods at a time) and the real operator, with the store's
+    credentials in Secret `s3` (and a wrong copy in `s3-wrong`); everything stopped afterwards."""
     server = start()
     server.create_namespace(NS)
     creds = {**seaweedfs.env()}
@@ -163,7 +166,7 @@ def cluster(seaweedfs, tmp_path_factory):
         server,
         namespace=NS,
         translate=map_executables({"rloop": str(BIN / "rloop")}),
-        max_concurrency=2,
+        max_concurrency=2,  # two stages, or the two pods of a two-node stage, at once
         poll_interval=0.2,
         extra_env={
             # The shared cache keeps the tiny base model between runs; one thread per stage process.
@@ -177,15 +180,20 @@ def cluster(seaweedfs, tmp_path_factory):
         workdir=tmp / "kubelet",
     ).start()
     operator = OperatorProcess(server, tmp / "operator.log", namespace=NS).start()
-    c = Cluster(server, kubelet, operator, seaweedfs, f"e2e-{tmp.name}", tmp)
     try:
-        yield c
+        yield Cluster(server, kubelet, operator, seaweedfs, f"{prefix}-{tmp.name}", tmp)
     finally:
         operator.stop()
         kubelet.stop()
         server.stop()
         print(f"\noperator log: {operator.log_path}")
     assert not kubelet.errors, kubelet.errors
+
+
+@pytest.fixture(scope="module")
+def cluster(seaweedfs, tmp_path_factory):
+    with running_cluster(seaweedfs, tmp_path_factory.mktemp("operator-e2e"), "e2e") as c:
+        yield c
 
 
 # -------------------------------------------------------------------------------------------- tests
