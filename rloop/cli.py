@@ -21,7 +21,7 @@ from rloop.redact import redact_uris
 
 def _cmd_run(args) -> int:
     from rloop.manifests import load_run
-    from rloop.report import collect, iteration_table, write_report
+    from rloop.report import collect, find_baseline, iteration_table, write_report
     from rloop.runner import DEFAULT_STORE, RunFailed, run_local
 
     run = load_run(args.file)
@@ -37,7 +37,8 @@ def _cmd_run(args) -> int:
         return 130
     print(f"\nRun {run.metadata.name} ({run.spec.mode}) finished in {res.seconds:.1f}s "
           f"({len(res.ran)} stages run now, the rest were already committed)")
-    print(iteration_table(collect(res.store)))
+    baseline = find_baseline(res.store)  # a vanilla-RL run at the same budget beside this one (make demo-rl)
+    print(iteration_table(collect(res.store), collect(baseline) if baseline is not None else None))
     if not args.no_report:
         print(f"report: {write_report([res.store])}")
     return 0

@@ -129,3 +129,16 @@ def mean_self_similarity(groups: Sequence[Sequence[str]], n: int = 2) -> float |
     if not values:
         return None
     return sum(values) / len(values)
+
+
+def horizon_reached(history: Sequence[float], patience: int) -> bool:
+    """The adaptive RL horizon: True when the last `patience` values of `history` (validation pass@k per
+    evaluation, the first taken before any RL step) brought no new best over everything before them.
+
+    A tie is not an improvement, so a flat curve ends the horizon as well as a falling one.
+    """
+    if patience < 1:
+        raise ValueError(f"patience must be >= 1, got {patience}")
+    if len(history) <= patience:
+        return False
+    return max(history[-patience:]) <= max(history[:-patience])

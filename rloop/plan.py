@@ -7,6 +7,7 @@ neither has loop logic of its own. A stage is identified by its directory in the
 The DAG, for iteration k (P_k = policy entering iteration k, P_0 = `base/init/policy`):
 
     rloop mode:  rl(k) from P_k → [rollout(k) from checkpoints] → verify(k) → rft(k) = P_{k+1}
+                 (verify(k) also reads verify(k-1) with loop.filter.accumulate)
                  eval(k, set) evaluates P_{k+1}; rl(k+1) starts from P_{k+1}
     rl mode:     rl(k) from the previous RL end policy (or P_0); eval(k, set) evaluates it
     both:        base/init builds or imports P_0; base/eval/<set> evaluates P_0 (loop.eval.evalBase);
@@ -114,7 +115,9 @@ def dependencies(spec: RLoopRunSpec, stage: Stage) -> list[Stage]:
     if stage.kind == "rollout":
         return [Stage("rl", k)]
     if stage.kind == "verify":
-        return [Stage("rollout", k) if spec.loop.pool.source == "checkpoints" else Stage("rl", k)]
+        pool = Stage("rollout", k) if spec.loop.pool.source == "checkpoints" else Stage("rl", k)
+        # loop.filter.accumulate: the expert set grows from the previous iteration's
+        return [pool] + ([Stage("verify", k - 1)] if spec.loop.filter.accumulate and k > 0 else [])
     if stage.kind == "rft":
         return [Stage("verify", k), _producer(spec, rft_init_policy(spec, k))]
     raise ValueError(f"unknown stage kind {stage.kind!r}")

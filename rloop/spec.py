@@ -258,12 +258,17 @@ class SyntheticSpec(_Model):
 
     task: Literal["subset-sum"] = "subset-sum"
     """Task name."""
-    split: Literal["train", "heldout"] = "train"
-    """`heldout` prompts use digit lists disjoint from `train` and from the warm-up data."""
+    split: Literal["train", "heldout", "validation", "indist"] = "train"
+    """`heldout` (shifted test): digit lists disjoint from `train` and from the warm-up data. `indist`
+    (in-distribution test): the train set's digit lists with targets no train prompt asks for.
+    `validation`: digit lists of their own, for decisions during training (`loop.rl.adaptiveHorizon`)."""
     size: int = Field(256, ge=1, le=50_000)
     """Number of distinct prompts."""
     seed: int = Field(0, ge=0, le=SEED_MAX)
-    """Sampling seed."""
+    """Sampling seed (for `indist`: the train split's seed, whose digit lists it reuses)."""
+    train_size: int | None = Field(None, ge=1, le=50_000)
+    """For `indist` only: the size of the train split whose digit lists it reuses; filled in from
+    `data.train.synthetic.size` when unset."""
 
 
 class DatasetSpec(_Model):
@@ -319,6 +324,9 @@ class DataSpec(_Model):
     """Prompts RL trains on."""
     eval: list[EvalSetSpec] = Field(default_factory=list, max_length=16)
     """Held-out sets evaluated on P_0 and after each iteration."""
+    validation: EvalSetSpec | None = None
+    """A validation set, evaluated during RL every `loop.eval.everySteps` steps and never reported as a
+    test result: `loop.rl.adaptiveHorizon` ends an iteration's RL by it."""
     prompt_template: str = Field("{prompt}", max_length=16_384)
     """Python format string applied to every prompt; must contain `{prompt}`, its only placeholder
     (write literal braces as `{{` and `}}`)."""
@@ -353,6 +361,31 @@ class DataSpec(_Model):
             raise ValueError(f"duplicate eval set names {sorted(dup)}; give each set its own name")
         return v
 
+    @model_validator(mode="after")
+    def _validation_and_indist(self) -> DataSpec:
+        if self.validation is not None and self.validation.name in {s.name for s in self.eval}:
+            raise _field_error("validation.name", f"{_short(self.validation.name)} is also a data.eval set; a "
+                               "validation set steers training, so it must not be a reported test set: rename it")
+        sets = [(f"eval[{i}]", s) for i, s in enumerate(self.eval)]
+        sets += [("validation", self.validation)] if self.validation is not None else []
+        train = self.train.synthetic
+        for where, s in sets:
+            syn = s.synthetic
+            if syn is None or syn.split != "indist":
+                continue
+            if train is None:
+                raise _field_error(f"{where}.synthetic.split", "indist reuses the train set's digit lists, so "
+                                   "data.train must be synthetic too; use split heldout with a train file")
+            if syn.seed != train.seed:
+                raise _field_error(f"{where}.synthetic.seed", f"is {syn.seed} but data.train.synthetic.seed is "
+                                   f"{train.seed}; indist reuses the train set's digit lists, so set the same seed")
+            if syn.train_size is None:
+                syn.train_size = train.size
+            elif syn.train_size != train.size:
+                raise _field_error(f"{where}.synthetic.trainSize", f"is {syn.train_size} but data.train.synthetic."
+                                   f"size is {train.size}; drop trainSize (it is filled in) or make them equal")
+        return self
+
 
 class VerifierSpec(_Model):
     """How responses are scored: a plain function (response, ground_truth, **row) -> reward."""
@@ -364,6 +397,19 @@ class VerifierSpec(_Model):
 
 
 # ------------------------------------------------------------------------------------------ loop
+class AdaptiveHorizonSpec(_Model):
+    """End an iteration's RL once validation pass@k stops improving (RLoop's RL horizon, chosen per
+    iteration instead of fixed). Needs `data.validation` and `loop.eval.everySteps`."""
+
+    patience: int = Field(3, ge=1, le=1000)
+    """Evaluations in a row without a new best validation pass@k (the start of the iteration counts as
+    the first) before the iteration's RL ends."""
+    k: int = Field(8, ge=1, le=1024)
+    """The k of the validation pass@k that is watched (at most data.validation.samplesPerPrompt)."""
+    min_steps: int = Field(0, ge=0, le=1_000_000)
+    """RL steps always run before an early end is considered."""
+
+
 class RLSpec(_Model):
     """The RL stage (GRPO family). `algorithm` picks defaults; explicit fields override them."""
 
@@ -425,6 +471,9 @@ class RLSpec(_Model):
     off (the default; the mismatch is reported as `rollout_logprob_abs_diff` either way). verl uses 2."""
     seed: int = Field(0, ge=0, le=SEED_MAX)
     """Seed of prompt order and sampling (the iteration index is added)."""
+    adaptive_horizon: AdaptiveHorizonSpec | None = None
+    """End each iteration's RL early once validation pass@k has stopped improving; unset = always run
+    `steps` (the default). The stage summary records the steps actually run."""
 
     @model_validator(mode="after")
     def _algorithm_defaults(self) -> RLSpec:
@@ -481,6 +530,13 @@ class FilterSpec(_Model):
     """At most this many expert trajectories per prompt (m)."""
     dedup: bool = True
     """Keep only distinct responses per prompt."""
+    accumulate: bool = False
+    """Expert set of iteration k = its own experts plus those of every earlier iteration (distinct ones
+    once, with dedup). With rft.initPolicy `base` each iteration re-fits P_0 on all experts so far
+    (STaR's restart), so RFT drift does not compound over iterations."""
+    from_step: int = Field(0, ge=0, le=1_000_000)
+    """Pool window: only trajectories of RL steps >= this (0-based) are candidates (0 = every step);
+    e.g. half of loop.rl.steps keeps the later half."""
     include_truncated: bool = False
     """Also keep correct responses that hit the generation cap (finish reason `length`). Off: RFT on
     them would teach the model to stop mid-solution."""
@@ -525,6 +581,10 @@ class EvalSpec(_Model):
     """Sampling seed (same for every iteration, so iterations are compared on equal terms)."""
     eval_base: bool = True
     """Also evaluate the base policy P_0 (the reference row of the report)."""
+    every_steps: int = Field(0, ge=0, le=1_000_000)
+    """During RL, also evaluate the policy being trained on every data.eval set (and data.validation)
+    before the first step and every this many steps (0 = off): the held-out curve across RL steps,
+    written to the rl stage's `evals.jsonl` (a vanilla run's overfitting point shows there)."""
 
     @field_validator("k_list")
     @classmethod
@@ -832,12 +892,14 @@ class RLoopRunSpec(_Model):
 
     @model_validator(mode="after")
     def _cross_field(self) -> RLoopRunSpec:
-        for s in self.data.eval:
+        validation = [self.data.validation] if self.data.validation is not None else []
+        for s in [*self.data.eval, *validation]:
             too_big = [k for k in self.loop.eval.k_list if k > s.samples_per_prompt]
             if too_big:
+                where = "data.validation" if s is self.data.validation else f"data.eval[{s.name}]"
                 raise _field_error(
                     "loop.eval.kList",
-                    f"has k={too_big} but data.eval[{s.name}].samplesPerPrompt is "
+                    f"has k={too_big} but {where}.samplesPerPrompt is "
                     f"{s.samples_per_prompt}; raise samplesPerPrompt or drop those k",
                 )
         if self.model.lora is not None and self.loop.distributed.zero_stage == 3:
@@ -845,6 +907,26 @@ class RLoopRunSpec(_Model):
                 "loop.distributed.zeroStage",
                 "3 shards the parameters LoRA merges into; with model.lora use zeroStage 2 (the base weights "
                 "are frozen, so sharding them saves little)",
+            )
+        horizon = self.loop.rl.adaptive_horizon
+        if horizon is not None:
+            if self.data.validation is None or self.loop.eval.every_steps == 0:
+                raise _field_error(
+                    "loop.rl.adaptiveHorizon",
+                    "watches validation pass@k during RL: set data.validation (e.g. synthetic split validation) "
+                    "and loop.eval.everySteps (e.g. 10), or drop adaptiveHorizon",
+                )
+            if horizon.k > self.data.validation.samples_per_prompt:
+                raise _field_error(
+                    "loop.rl.adaptiveHorizon.k",
+                    f"is {horizon.k} but data.validation.samplesPerPrompt is {self.data.validation.samples_per_prompt};"
+                    " lower k or raise samplesPerPrompt",
+                )
+        if self.loop.filter.from_step >= self.loop.rl.steps:
+            raise _field_error(
+                "loop.filter.fromStep",
+                f"is {self.loop.filter.from_step} but an iteration has only loop.rl.steps = {self.loop.rl.steps} "
+                f"steps (0-based), so the pool would be empty; use at most {self.loop.rl.steps - 1}",
             )
         needs_vocab = self.model.base == "builtin:tiny"
         if needs_vocab and (self.data.train.synthetic is None or self.verifier.name != "subset_sum"):

@@ -43,6 +43,7 @@ def small_doc(name: str, *, mode: str = "rloop", iterations: int = 2, eval_base:
     s["mode"] = mode
     s["model"]["tiny"].update(hiddenSize=64, layers=2, warmupSteps=40)
     s["data"]["train"]["synthetic"]["size"] = 32
+    s["data"]["eval"] = s["data"]["eval"][:1]  # the shifted held-out set only: fewer stages to wait for
     s["data"]["eval"][0]["synthetic"]["size"] = 16
     s["data"]["eval"][0]["samplesPerPrompt"] = 4
     s["loop"]["iterations"] = iterations

@@ -5,8 +5,12 @@ any non-empty selection of the listed digits (each position at most once) that s
 written as a digit string in any order, so both "81" and "18" answer ``38152/09:``.
 
 Splits are separated by digit *multiset*: a hash of the sorted digits puts every multiset into one
-of four buckets (train, heldout, warm-up, unused), so no ordering or target of a heldout list can
-ever appear in training, whatever the seeds and sizes.
+of four buckets (train, heldout, warm-up, validation), so no ordering or target of a heldout list can
+ever appear in training, whatever the seeds and sizes. `heldout` is the *shifted* test: digit lists
+the policy never trained on. `indist` is the *in-distribution* test: the train set's own digit lists
+with targets no train prompt asks for (unseen prompts from the distribution RL trained on).
+`validation` (its own bucket) is for decisions taken during training, such as the adaptive RL horizon,
+so no reported test set ever steers a run.
 """
 
 from __future__ import annotations
@@ -27,8 +31,9 @@ VOCAB = PROMPT_CHARS
 DATA_SOURCE = "synthetic/subset-sum"
 
 _NUM_BUCKETS = 4
-_SPLIT_BUCKETS = {"train": 0, "heldout": 1}
-_WARMUP_BUCKET = 2  # bucket 3 stays unused, held back for later splits
+_SPLIT_BUCKETS = {"train": 0, "heldout": 1, "validation": 3}
+_WARMUP_BUCKET = 2
+SPLITS = ("train", "heldout", "validation", "indist")
 _PROMPT_RE = re.compile(r"([1-9]+)/(\d+):")
 _LEADING_DIGITS = re.compile(r"\d*")
 
@@ -53,16 +58,21 @@ def parse_prompt(prompt: str) -> tuple[str, int] | None:
     return digits, int(target)
 
 
-def make_split(split: str, size: int, seed: int) -> list[Example]:
-    """Return `size` distinct subset-sum examples of `split` ("train" or "heldout"), reproducibly.
+def make_split(split: str, size: int, seed: int, *, train_size: int | None = None) -> list[Example]:
+    """Return `size` distinct subset-sum examples of `split` (one of SPLITS), reproducibly.
 
     Each prompt's digit list is drawn uniformly from the split's bucket and its target uniformly
-    among the list's reachable sums.
+    among the list's reachable sums. `indist` needs `train_size`: it reuses the digit lists of
+    make_split("train", train_size, seed).
     """
-    if split not in _SPLIT_BUCKETS:
-        raise ValueError(f"unknown subset-sum split {split!r}; use one of {sorted(_SPLIT_BUCKETS)}")
+    if split not in SPLITS:
+        raise ValueError(f"unknown subset-sum split {split!r}; use one of {list(SPLITS)}")
     if size < 0:
         raise ValueError(f"size must be >= 0, got {size}")
+    if split == "indist":
+        if train_size is None:
+            raise ValueError("the indist split needs train_size (the size of the train split it shares digit lists with)")
+        return _indist_split(size, seed, train_size)
     bucket = _SPLIT_BUCKETS[split]
     available = _num_prompts(bucket)
     if size > available:
@@ -70,6 +80,20 @@ def make_split(split: str, size: int, seed: int) -> list[Example]:
     rng = random.Random(f"subset-sum/{split}/{seed}")
     pairs = _sample_distinct_prompts(bucket, size, rng)
     return [_make_example(split, seed, i, digits, target) for i, (digits, target) in enumerate(pairs)]
+
+
+def _indist_split(size: int, seed: int, train_size: int) -> list[Example]:
+    """`size` prompts on the digit lists of the train split (train_size, seed) whose (list, target) pair is
+    not a train prompt, drawn uniformly from all such pairs."""
+    train = make_split("train", train_size, seed)
+    asked = {(e.extra["digits"], e.extra["target"]) for e in train}
+    lists = list(dict.fromkeys(e.extra["digits"] for e in train))
+    unseen = [(d, t) for d in lists for t in sorted(_subset_table(_sorted_key(d))) if (d, t) not in asked]
+    if size > len(unseen):
+        raise ValueError(f"subset-sum split 'indist' has only {len(unseen)} distinct prompts for a train split of "
+                         f"{train_size}; got size={size}")
+    rng = random.Random(f"subset-sum/indist/{seed}/{train_size}")
+    return [_make_example("indist", seed, i, d, t) for i, (d, t) in enumerate(rng.sample(unseen, size))]
 
 
 def warmup_pairs(num: int, seed: int) -> list[tuple[str, str]]:

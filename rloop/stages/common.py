@@ -180,7 +180,8 @@ def load_dataset(ds: DatasetSpec, what: str):
 
     try:
         if ds.synthetic is not None:
-            examples = make_split(ds.synthetic.split, ds.synthetic.size, ds.synthetic.seed)
+            examples = make_split(ds.synthetic.split, ds.synthetic.size, ds.synthetic.seed,
+                                  train_size=ds.synthetic.train_size)
         else:
             examples = load_examples(ds.path, fmt=ds.format, prompt_key=ds.prompt_key, answer_key=ds.answer_key)
     except (DataError, ValueError, FileNotFoundError) as err:

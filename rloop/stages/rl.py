@@ -2,7 +2,10 @@
 
 Writes `pool/trajectories.parquet` (every generated response with step, reward, correctness),
 `metrics.jsonl` (one row per step), `final/` (the RL end policy: the next P in `rl` mode, discarded
-by RLoop), and `checkpoints/step-NNNNNN/` when the pool comes from checkpoints.
+by RLoop), and `checkpoints/step-NNNNNN/` when the pool comes from checkpoints. With
+`loop.eval.everySteps`, `evals.jsonl` holds the held-out (and validation) evaluations of the policy
+being trained, before the first step and every everySteps steps; `loop.rl.adaptiveHorizon` ends the
+RL there once validation pass@k has stopped improving.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
-from contextlib import closing, nullcontext
+from contextlib import closing, contextmanager, nullcontext
 from pathlib import Path
 
 from tqdm import tqdm
@@ -41,6 +44,9 @@ def run(ctx: StageContext) -> dict:
                         compute_dtype=spec.model.dtype, world=world, distributed=spec.loop.distributed)
     sampler = PromptSampler(train, seed=cfg.seed + 1000 * k)  # same seed everywhere: the same prompts
     pool, rows = [], []
+    during = DuringRLEval(ctx, model, tok, engine, trainer.optimizer.full_parameters) if spec.loop.eval.every_steps else None
+    evals = during.at(0) if during else []
+    stopped_early = False
     telemetry = StageTelemetry.from_env(ctx.run.metadata.name, ctx.stage.kind) if world.is_main else None
     ckpt_every = spec.loop.pool.checkpoint_every if spec.mode == "rloop" and spec.loop.pool.source == "checkpoints" else 0
     # Rank 0 alone writes: the pool and metrics of all processes, the policy, the commit manifest.
@@ -54,12 +60,19 @@ def run(ctx: StageContext) -> dict:
                 rows.append(out.metrics)
                 telemetry.observe_step(out.metrics)
                 bar.set_postfix(reward=f"{out.metrics['reward']:.3f}", ent=f"{out.metrics['entropy']:.2f}")
-            if ckpt_every and ((step + 1) % ckpt_every == 0 or step + 1 == cfg.steps):
+            if during and (step + 1) % spec.loop.eval.every_steps == 0:
+                evals += during.at(step + 1)
+                stopped_early = world.all(during.horizon_reached(step + 1)) and step + 1 < cfg.steps
+            last_step = stopped_early or step + 1 == cfg.steps
+            if ckpt_every and ((step + 1) % ckpt_every == 0 or last_step):
                 with trainer.optimizer.main_model() as whole:  # every process takes part; rank 0 saves
                     if whole is not None:
                         d = Path(tmp) / f"step-{step + 1:06d}"
                         save_policy(whole if spec.model.lora is None else _merged_copy(whole), tok, d, spec.model.dtype)
                         w.put_dir(f"checkpoints/step-{step + 1:06d}", d)
+            if stopped_early:
+                break
+        bar.close()
         with trainer.optimizer.main_model() as whole:
             if whole is not None:
                 final = whole.merge_and_unload() if spec.model.lora is not None else whole
@@ -70,6 +83,8 @@ def run(ctx: StageContext) -> dict:
         w.put_dir("final", Path(tmp) / "final")
         w.put_bytes("pool/trajectories.parquet", parquet_bytes(pool))
         w.put_bytes("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
+        if during:
+            w.put_bytes("evals.jsonl", "".join(json.dumps(r) + "\n" for r in evals).encode())
         tail = rows[-max(1, len(rows) // 10):]
         summary = {
             "steps": len(rows),
@@ -82,11 +97,95 @@ def run(ctx: StageContext) -> dict:
             "rollout_tokens_per_s": _mean(r["rollout_tokens_per_s"] for r in rows),
             "step_time_s": _mean(sum(v for kk, v in r.items() if kk.startswith("time_")) for r in rows),
         }
+        if spec.loop.rl.adaptive_horizon is not None:
+            summary |= {"steps_budget": cfg.steps, "stopped_early": stopped_early}
+        if during:
+            summary |= during.latest()
         if world.size > 1:
             summary["processes"] = world.size
         w.commit(summary)
     close_world(world)
     return summary
+
+
+class DuringRLEval:
+    """Evaluations of the policy while it trains (`loop.eval.everySteps`): every data.eval set and
+    data.validation, sampled by the stage's own rollout engine from the current weights, scored like the
+    eval stage. Every process evaluates the whole set on the gathered weights (ZeRO-3 forwards are
+    collectives otherwise) with the same seed; rank 0's rows are written."""
+
+    def __init__(self, ctx: StageContext, model, tok, engine, gathered):
+        spec = ctx.spec
+        self.ctx, self.model, self.tok, self.engine, self.gathered = ctx, model, tok, engine, gathered
+        self.sets = [(s, "test") for s in spec.data.eval]
+        if spec.data.validation is not None:
+            self.sets.append((spec.data.validation, "validation"))
+        self.examples = {s.name: load_dataset(s, "data.validation" if role == "validation" else f"data.eval[{s.name}]")
+                         for s, role in self.sets}
+        self.horizon = spec.loop.rl.adaptive_horizon
+        self.watched: list[float] = []  # validation pass@k per evaluation, for the adaptive horizon
+        self.rows: list[dict] = []
+
+    def at(self, steps_done: int) -> list[dict]:
+        """Evaluate now (after `steps_done` RL steps); returns the rows written to evals.jsonl."""
+        from rloop.stages.eval import eval_metrics
+        from rloop.stages.rollout import sample_and_score
+
+        ev, spec = self.ctx.spec.loop.eval, self.ctx.spec
+        out = []
+        for es, role in self.sets:
+            with self.gathered(), _eval_mode(self.model):
+                samples = sample_and_score(self.ctx, self.model, self.tok, self.examples[es.name],
+                                           n=es.samples_per_prompt, temperature=ev.temperature, top_p=ev.top_p,
+                                           max_tokens=ev.max_response_tokens or spec.loop.rl.max_response_tokens,
+                                           seed=ev.seed, desc=f"rl eval {es.name}", engine=self.engine)
+            metrics = eval_metrics(samples, ev.k_list, None)
+            row = {"step": steps_done, "set": es.name, "role": role, "n": metrics["n"],
+                   "avg_at_n": metrics["avg_at_n"], "pass_at_k": metrics["pass_at_k"],
+                   "self_similarity": metrics["self_similarity"]}
+            if role == "validation" and self.horizon is not None:
+                from rloop.evaluate import pass_at_k_mean
+
+                counts = [(len(v), sum(v)) for v in _correct_by_prompt(samples).values()]
+                self.watched.append(pass_at_k_mean(counts, self.horizon.k))
+                row[f"pass_at_{self.horizon.k}_watched"] = self.watched[-1]
+            out.append(row)
+        self.rows += out
+        return out
+
+    def horizon_reached(self, steps_done: int) -> bool:
+        from rloop.evaluate import horizon_reached
+
+        h = self.horizon
+        return h is not None and steps_done >= h.min_steps and horizon_reached(self.watched, h.patience)
+
+    def latest(self) -> dict:
+        """The last evaluation of each set, flattened for the stage summary."""
+        out = {}
+        for row in self.rows:
+            ks = row["pass_at_k"]
+            k_max = max(ks, key=int)
+            out[f"during_{row['set']}_avg_at_n"] = row["avg_at_n"]
+            out[f"during_{row['set']}_pass_at_{k_max}"] = ks[k_max]
+        return out
+
+
+@contextmanager
+def _eval_mode(model):
+    """The model in eval mode (no dropout) while it is evaluated, back in its own mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _correct_by_prompt(samples: list[dict]) -> dict[str, list[bool]]:
+    by_prompt: dict[str, list[bool]] = {}
+    for r in samples:
+        by_prompt.setdefault(r["prompt_id"], []).append(bool(r["correct"]))
+    return by_prompt
 
 
 def check_world(spec, processes: int) -> None:

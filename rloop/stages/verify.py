@@ -18,7 +18,11 @@ from rloop.stages.common import InputError, StageContext, parquet_bytes
 
 def select_experts(pool: list[dict[str, Any]], cfg: FilterSpec) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Pure filter. pool rows need prompt_id, prompt, response, correct, finish_reason (and step).
-    The pass rate counts every trajectory; truncated ones are candidates only with includeTruncated."""
+    The pass rate counts every trajectory; truncated ones are candidates only with includeTruncated.
+    With fromStep only the pool window of later steps counts (rows without a step are always in)."""
+    pool_all = pool
+    if cfg.from_step:
+        pool = [r for r in pool if int(r.get("step", cfg.from_step)) >= cfg.from_step]
     by_prompt: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in pool:
         by_prompt[r["prompt_id"]].append(r)
@@ -43,7 +47,7 @@ def select_experts(pool: list[dict[str, Any]], cfg: FilterSpec) -> tuple[list[di
             kept_prompts += 1
         experts += [{**r, "pool_pass_rate": rate} for r in cands]
     stats = {
-        "pool_trajectories": len(pool),
+        "pool_trajectories": len(pool_all),
         "pool_correct": sum(bool(r["correct"]) for r in pool),
         "pool_prompts": len(by_prompt),
         "prompts_over_max_pass_rate": mastered,
@@ -52,12 +56,23 @@ def select_experts(pool: list[dict[str, Any]], cfg: FilterSpec) -> tuple[list[di
         "truncated_correct": sum(bool(r["correct"]) and r["finish_reason"] == "length" for r in pool),
         "distinct_correct_responses": len({(r["prompt_id"], r["response"].strip()) for r in pool if r["correct"]}),
     }
-    if pool and "step" in pool[0]:
+    if cfg.from_step:
+        stats["window_trajectories"] = len(pool)
+    if pool_all and "step" in pool_all[0]:  # coverage describes the whole RL run, not the window
         solved: dict[str, list[tuple[int, bool]]] = defaultdict(list)
-        for r in pool:
+        for r in pool_all:
             solved[r["prompt_id"]].append((int(r["step"]), bool(r["correct"])))
         stats |= coverage(solved)
     return experts, stats
+
+
+def accumulate(earlier: list[dict[str, Any]], new: list[dict[str, Any]], dedup: bool) -> list[dict[str, Any]]:
+    """Earlier iterations' experts followed by this one's; with dedup a (prompt, response) already there
+    is not added again. Pure."""
+    if not dedup:
+        return earlier + new
+    seen = {(r["prompt_id"], r["response"].strip()) for r in earlier}
+    return earlier + [r for r in new if (r["prompt_id"], r["response"].strip()) not in seen]
 
 
 def run(ctx: StageContext) -> dict:
@@ -69,6 +84,10 @@ def run(ctx: StageContext) -> dict:
     if not pool:
         raise InputError(f"iteration {k}: the trajectory pool is empty")
     experts, stats = select_experts(pool, spec.loop.filter)
+    if spec.loop.filter.accumulate and k > 0:  # iteration k-1's set already holds every earlier one
+        earlier = ctx.read_parquet(f"iter-{k - 1:03d}/verify", "expert.parquet")
+        experts = accumulate(earlier, experts, spec.loop.filter.dedup)
+        stats |= {"earlier_expert_trajectories": len(earlier), "expert_trajectories": len(experts)}
     with ctx.store.stage_writer(ctx.stage.id) as w:
         w.put_bytes("expert.parquet", parquet_bytes(experts))
         w.put_json("stats.json", stats)

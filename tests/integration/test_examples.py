@@ -42,7 +42,9 @@ def test_demo_pair_differs_only_in_mode_and_name():
     assert rl.spec.mode == "rl" and rl.spec.loop.iterations == 3
     assert rloop.spec.model.base == "builtin:tiny"
     assert rl.spec.loop.rl == rloop.spec.loop.rl
-    assert rl.spec.loop.eval == rloop.spec.loop.eval
+    # the same evaluation; only the vanilla run also evaluates during RL (the curve of the Figure-1 plot)
+    assert rl.spec.loop.eval.model_copy(update={"every_steps": 0}) == rloop.spec.loop.eval
+    assert rl.spec.loop.eval.every_steps > 0
     assert rl.spec.data == rloop.spec.data
     assert rl.spec.model == rloop.spec.model
     assert rl.metadata.name != rloop.metadata.name

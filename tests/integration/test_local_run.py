@@ -275,8 +275,52 @@ def test_report_compares_two_runs(full_runs, env):
     text = md.read_text()
     assert "# RLoop report: small, small-rl" in text
     assert "## small (mode `rloop`" in text and "## small-rl (mode `rl`" in text
+    assert "| vanilla RL (small-rl), end | 8 |" in text  # the RLoop table's baseline row, at its RL budget
+    assert_png(a["dir"] / "report" / "figure1.png")
     assert_png(a["dir"] / "report" / "train_reward.png")
     assert_png(a["dir"] / "report" / "eval.png")
+
+
+def test_evals_during_rl_adaptive_horizon_and_accumulated_experts(full_runs, work, store_root, env):
+    """loop.eval.everySteps writes the held-out curve during RL (test sets and the validation set), the
+    adaptive horizon ends an iteration by the rule on the validation pass@k it recorded, the in-distribution
+    split evaluates like any set, and an accumulated expert set holds the previous iteration's."""
+    from rloop.evaluate import horizon_reached
+
+    doc = small_doc("science", iterations=2, eval_base=False)
+    s = doc["spec"]
+    s["data"]["eval"].append({"name": "indist", "samplesPerPrompt": 4,
+                              "synthetic": {"task": "subset-sum", "split": "indist", "size": 8, "seed": 0}})
+    s["data"]["validation"] = {"name": "val", "samplesPerPrompt": 4,
+                               "synthetic": {"task": "subset-sum", "split": "validation", "size": 8}}
+    s["loop"]["eval"]["everySteps"] = 2
+    s["loop"]["rl"]["adaptiveHorizon"] = {"patience": 1, "k": 4}
+    s["loop"]["filter"] |= {"accumulate": True, "fromStep": 1}
+    proc = rloop("run", write_doc(doc, work / "science.yaml"), "--store", store_root, env=env)
+    assert proc.returncode == 0, explain(proc)
+    run_dir = store_root / "default" / "science"
+    budget = 0
+    for k in range(2):
+        summary = json.loads((run_dir / f"iter-{k:03d}/rl/_COMMIT.json").read_text())["summary"]
+        steps = [json.loads(x)["step"] for x in (run_dir / f"iter-{k:03d}/rl/metrics.jsonl").read_text().splitlines()]
+        evals = [json.loads(x) for x in (run_dir / f"iter-{k:03d}/rl/evals.jsonl").read_text().splitlines()]
+        assert summary["steps"] == len(steps) and summary["steps_budget"] == 4
+        assert summary["stopped_early"] is (len(steps) < 4)
+        assert sorted({(e["set"], e["role"]) for e in evals}) == [("heldout", "test"), ("indist", "test"),
+                                                                   ("val", "validation")]
+        assert [e["step"] for e in evals if e["set"] == "heldout"] == list(range(0, len(steps) + 1, 2))
+        watched = [e["pass_at_4_watched"] for e in evals if e["role"] == "validation"]
+        # it stopped exactly where the rule first said so, and ran on while it did not
+        firsts = [i for i in range(1, len(watched) + 1) if horizon_reached(watched[:i], 1)]
+        assert (firsts[0] if firsts else None) == (len(watched) if summary["stopped_early"] else None)
+        budget += len(steps)
+    assert json.loads((run_dir / "iter-001/eval/indist/metrics.json").read_text())["num_prompts"] == 8
+    first = json.loads((run_dir / "iter-000/verify/stats.json").read_text())
+    second = json.loads((run_dir / "iter-001/verify/stats.json").read_text())
+    assert second["earlier_expert_trajectories"] == first["expert_trajectories"]
+    assert second["expert_trajectories"] >= first["expert_trajectories"]
+    assert f"| iter 1 | {budget} |" in proc.stdout, proc.stdout  # RL steps as they ran
+    assert_png(run_dir / "report" / "figure1.png")
 
 
 # ------------------------------------------------------------------------------------------ 5. status
