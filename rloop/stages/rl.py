@@ -44,8 +44,10 @@ def run(ctx: StageContext) -> dict:
                         compute_dtype=spec.model.dtype, world=world, distributed=spec.loop.distributed)
     sampler = PromptSampler(train, seed=cfg.seed + 1000 * k)  # same seed everywhere: the same prompts
     pool, rows = [], []
-    during = DuringRLEval(ctx, model, tok, engine, trainer.optimizer.full_parameters) if spec.loop.eval.every_steps else None
-    evals = during.at(0) if during else []
+    during = None
+    if spec.loop.eval.every_steps:  # the held-out curve during RL starts at the iteration's policy
+        during = DuringRLEval(ctx, model, tok, engine, trainer.optimizer.full_parameters)
+        during.at(0)
     stopped_early = False
     telemetry = StageTelemetry.from_env(ctx.run.metadata.name, ctx.stage.kind) if world.is_main else None
     ckpt_every = spec.loop.pool.checkpoint_every if spec.mode == "rloop" and spec.loop.pool.source == "checkpoints" else 0
@@ -61,7 +63,7 @@ def run(ctx: StageContext) -> dict:
                 telemetry.observe_step(out.metrics)
                 bar.set_postfix(reward=f"{out.metrics['reward']:.3f}", ent=f"{out.metrics['entropy']:.2f}")
             if during and (step + 1) % spec.loop.eval.every_steps == 0:
-                evals += during.at(step + 1)
+                during.at(step + 1)
                 stopped_early = world.all(during.horizon_reached(step + 1)) and step + 1 < cfg.steps
             last_step = stopped_early or step + 1 == cfg.steps
             if ckpt_every and ((step + 1) % ckpt_every == 0 or last_step):
@@ -84,7 +86,7 @@ def run(ctx: StageContext) -> dict:
         w.put_bytes("pool/trajectories.parquet", parquet_bytes(pool))
         w.put_bytes("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
         if during:
-            w.put_bytes("evals.jsonl", "".join(json.dumps(r) + "\n" for r in evals).encode())
+            w.put_bytes("evals.jsonl", "".join(json.dumps(r) + "\n" for r in during.rows).encode())
         tail = rows[-max(1, len(rows) // 10):]
         summary = {
             "steps": len(rows),
@@ -127,7 +129,7 @@ class DuringRLEval:
         self.rows: list[dict] = []
 
     def at(self, steps_done: int) -> list[dict]:
-        """Evaluate now (after `steps_done` RL steps); returns the rows written to evals.jsonl."""
+        """Evaluate now (after `steps_done` RL steps); returns this evaluation's rows (also kept in `rows`)."""
         from rloop.stages.eval import eval_metrics
         from rloop.stages.rollout import sample_and_score
 
