@@ -121,7 +121,8 @@ def ablated(doc: dict, changes: dict) -> dict:
         set_path(spec, key, value)
         if key == "loop.rl.adaptiveHorizon":
             spec["loop"]["eval"]["everySteps"] = spec["loop"]["eval"].get("everySteps") or 10
-            spec["data"]["validation"] = {"name": "validation", "samplesPerPrompt": 8,
+            samples = max(spec["loop"]["eval"].get("kList", [16]))  # every k of kList is also reported for it
+            spec["data"]["validation"] = {"name": "validation", "samplesPerPrompt": samples,
                                           "synthetic": {"task": "subset-sum", "split": "validation", "size": 64,
                                                         "seed": spec["data"]["train"]["synthetic"]["seed"]}}
     return doc

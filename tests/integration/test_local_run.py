@@ -276,6 +276,10 @@ def test_report_compares_two_runs(full_runs, env):
     assert "# RLoop report: small, small-rl" in text
     assert "## small (mode `rloop`" in text and "## small-rl (mode `rl`" in text
     assert "| vanilla RL (small-rl), end | 8 |" in text  # the RLoop table's baseline row, at its RL budget
+    # `rloop run` of the finished RLoop run (make demo after make demo-rl) finds the baseline beside it itself
+    again = rloop("run", a["cfg"], "--store", a["dir"].parent.parent, "--no-report", env=env)
+    assert again.returncode == 0 and "0 stages run now" in again.stdout, explain(again)
+    assert "| vanilla RL (small-rl), end | 8 |" in again.stdout, again.stdout
     assert_png(a["dir"] / "report" / "figure1.png")
     assert_png(a["dir"] / "report" / "train_reward.png")
     assert_png(a["dir"] / "report" / "eval.png")
