@@ -23,6 +23,7 @@ import copy
 import datetime
 import io
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -151,8 +152,15 @@ def run_all(docs: list[dict], store: Path, jobs: int, log) -> dict[str, float]:
         if rc != 0:
             raise SystemExit(f"rloop run {name} failed (exit {rc}); see {cfg_dir / (name + '.log')}")
         seconds = time.monotonic() - t0
-        log(f"  {name}: {seconds:.0f}s")
-        return name, seconds
+        # A resumed run adds the seconds it worked now to what it took before (kept beside its config), so
+        # the time a run cost survives a benchmark that is re-run to redo its tables.
+        spent = cfg_dir / f"{name}.seconds"
+        before = float(spent.read_text()) if spent.exists() else 0.0
+        ran_now = re.search(r"\((\d+) stages run now", (cfg_dir / f"{name}.log").read_text())
+        total = before + seconds if ran_now is None or int(ran_now.group(1)) > 0 else before
+        spent.write_text(f"{total:.1f}")
+        log(f"  {name}: {seconds:.0f}s now, {total:.0f}s in all")
+        return name, total
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         return dict(pool.map(one, docs))
@@ -195,8 +203,8 @@ def mean_sd(values: list[float]) -> str:
     values = [v for v in values if v is not None]
     if not values:
         return "–"
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
+    if len(set(values)) == 1:  # one seed, or a constant such as the RL-step budget
+        return fmt(values[0])
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
@@ -207,7 +215,8 @@ def metric_columns(results: dict, sets: list[str]) -> list[tuple[str, str]]:
     for s in sets:
         m = any_run[f"final:{s}"]
         cols.append((f"{s} avg@{m['n']}", f"{s}|avg"))
-        cols += [(f"{s} {k}", f"{s}|{k}") for k in m if k.startswith("pass@")]
+        cols += [(f"{s} {k}", f"{s}|{k}") for k in sorted((k for k in m if k.startswith("pass@")),
+                                                          key=lambda k: int(k.removeprefix("pass@")))]
         cols += [(f"{s} forget", f"{s}|forgetting"), (f"{s} self-sim", f"{s}|self_sim")]
     return cols + [("coverage", "coverage"), ("train reward", "train_reward"), ("RL steps", "rl_steps")]
 
@@ -300,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # 3. ablations (seed 0), against the seed-0 RLoop and vanilla runs
     k_max = max(int(k.split("@")[1]) for _, k in cols if "|pass@" in k and k.startswith(REPORTED_SET))
-    abl_cols = [(f"{s} avg@n", f"{s}|avg") for s in sets] + [(f"{s} pass@{k_max}", f"{s}|pass@{k_max}") for s in sets]
+    n = next(iter(results.values()))[f"final:{REPORTED_SET}"]["n"]
+    abl_cols = [(f"{s} avg@{n}", f"{s}|avg") for s in sets] + [(f"{s} pass@{k_max}", f"{s}|pass@{k_max}") for s in sets]
     abl_cols += [("coverage", "coverage"), ("RL steps", "rl_steps")]
     s0 = seeds[0]
     abl_rows = [["vanilla RL", "same budget"] + [fmt(value(results[f"{tag}-rl-s{s0}"], k)) for _, k in abl_cols],
@@ -329,12 +339,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n## Ablations (seed {s0})\n")
         print(abl)
     print(f"\nfigure: {figure}")
-    print(f"wall: {minutes:.1f} min for {len(docs)} runs ({args.jobs} at a time); "
-          f"slowest run {max(walls.values()):.0f}s")
+    run_minutes = sum(walls.values()) / 60
+    print(f"wall: {minutes:.1f} min for this invocation; the {len(docs)} runs took {run_minutes:.1f} run-minutes "
+          f"({args.jobs} at a time: ~{run_minutes / args.jobs:.1f} min), slowest {max(walls.values()):.0f}s")
     goal = avg_gain > 0 and passk_gain > 0 and rloop_pass >= base_pass
     if tag == "full" or args.docs:
         target = args.docs or ROOT / "docs" / "science.md"
-        write_docs(target, args, seeds, per_seed, summary, abl, figure, minutes, goal, avg_gain, passk_gain,
+        write_docs(target, args, seeds, per_seed, summary, abl, figure, run_minutes, goal, avg_gain, passk_gain,
                    base_pass, rloop_pass, k_max)
         print(f"wrote {target}")
     print(f"RESULT avg_gain={avg_gain:.4f} passk_gain={passk_gain:.4f} k={k_max} seeds={len(seeds)} "
@@ -342,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def write_docs(target: Path, args, seeds, per_seed, summary, abl, figure, minutes, goal, avg_gain, passk_gain,
+def write_docs(target: Path, args, seeds, per_seed, summary, abl, figure, run_minutes, goal, avg_gain, passk_gain,
                base_pass, rloop_pass, k_max) -> None:
     """The benchmark's section of docs/science.md: everything between its two markers is regenerated."""
     begin, end = "<!-- rloop_vs_rl:begin -->", "<!-- rloop_vs_rl:end -->"
@@ -356,8 +367,8 @@ def write_docs(target: Path, args, seeds, per_seed, summary, abl, figure, minute
                f"pass@{k_max} {passk_gain:+.3f}; RLoop's pass@{k_max} {rloop_pass:.3f} vs the base's {base_pass:.3f}.")
     body = "\n".join([
         begin,
-        f"Measured {datetime.date.today().isoformat()} with `{cmd}` on {os.cpu_count()} CPU cores "
-        f"({minutes:.1f} min, seeds {seeds}).",
+        f"Measured {datetime.date.today().isoformat()} with `{cmd}` on {os.cpu_count()} CPU cores, seeds {seeds}: "
+        f"the runs took {run_minutes:.1f} run-minutes, ~{run_minutes / args.jobs:.1f} min at {args.jobs} at a time.",
         "",
         verdict,
         "",
