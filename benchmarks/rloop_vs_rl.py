@@ -358,7 +358,7 @@ def write_docs(target: Path, args, seeds, per_seed, summary, abl, figure, run_mi
     """The benchmark's section of docs/science.md: everything between its two markers is regenerated."""
     begin, end = "<!-- rloop_vs_rl:begin -->", "<!-- rloop_vs_rl:end -->"
     cmd = "python benchmarks/rloop_vs_rl.py" + (" --smoke" if args.smoke else " --quick" if args.quick else "")
-    cmd += f" --seeds {' '.join(map(str, seeds))}" if seeds != [0, 1, 2] else ""
+    cmd += f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds != [0, 1, 2] else ""  # as typed
     verdict = (f"**Goal met**: RLoop beats vanilla RL at equal budget on {REPORTED_SET} avg@n (mean paired "
                f"difference {avg_gain:+.3f}) and pass@{k_max} ({passk_gain:+.3f}), and its pass@{k_max} "
                f"({rloop_pass:.3f}) is at least the base's ({base_pass:.3f})."
