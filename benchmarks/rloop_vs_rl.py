@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from rloop.evaluate import coverage  # noqa: E402
-from rloop.report import collect, plot_figure1  # noqa: E402
+from rloop.report import collect, markdown_table, plot_figure1  # noqa: E402
 from rloop.store import RunStore  # noqa: E402
 
 REPORTED_SET = "heldout"  # the RESULT line and the goal are on the shifted held-out set; all sets are tabled
@@ -228,11 +228,6 @@ def value(result: dict, key: str, which: str = "final"):
     return result.get(f"{which}:{s}", {}).get(metric)
 
 
-def table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="1 seed, 2 iterations, no ablations (~10 min)")
@@ -297,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
             diffs[key].append(d)
             diff.append(fmt(d, signed=True))
         rows.append([str(seed), "RLoop − vanilla"] + diff)
-    per_seed = table(["seed", "policy"] + [c for c, _ in cols], rows)
+    per_seed = markdown_table(["seed", "policy"] + [c for c, _ in cols], rows)
 
     # 2. mean ± sd over seeds
     summary_rows = []
@@ -305,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         summary_rows.append([label] + [mean_sd([value(results[f"{tag}-{prefix}-s{s}"], key, which) for s in seeds])
                                        if "|" in key or which == "final" else "–" for _, key in cols])
     summary_rows.append(["RLoop − vanilla (paired)"] + [mean_sd(diffs[key]) for _, key in cols])
-    summary = table(["policy"] + [c for c, _ in cols], summary_rows)
+    summary = markdown_table(["policy"] + [c for c, _ in cols], summary_rows)
 
     # 3. ablations (seed 0), against the seed-0 RLoop and vanilla runs
     k_max = max(int(k.split("@")[1]) for _, k in cols if "|pass@" in k and k.startswith(REPORTED_SET))
@@ -317,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
                 ["RLoop (defaults)", "examples/tiny.yaml"] + [fmt(value(results[f"{tag}-rloop-s{s0}"], k)) for _, k in abl_cols]]
     for name, (what, _) in ablations.items():
         abl_rows.append([name, what] + [fmt(value(results[f"{tag}-{name}-s{s0}"], k)) for _, k in abl_cols])
-    abl = table(["variant", "change"] + [c for c, _ in abl_cols], abl_rows) if ablations else ""
+    abl = markdown_table(["variant", "change"] + [c for c, _ in abl_cols], abl_rows) if ablations else ""
 
     # 4. the figure (seed 0: vanilla as a curve, RLoop per iteration, base at step 0)
     out_dir = args.docs.parent if args.docs else (ROOT / "docs" if tag == "full" else args.store)

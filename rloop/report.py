@@ -122,9 +122,13 @@ def iteration_table(data: dict[str, Any], baseline: dict[str, Any] | None = None
                    _fmt(rl.get("train_reward_last10pct")), "n/a (rl)", "–"]
             _eval_cells(baseline, str(last), sets, row)
             rows.append(row)
+    return markdown_table(header, rows)
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A GitHub-flavoured markdown table (the report's and the science benchmark's)."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
 def _eval_cells(data: dict[str, Any], label: str, sets: list[str], row: list[str]) -> bool:

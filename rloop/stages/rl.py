@@ -141,15 +141,15 @@ class DuringRLEval:
                                            n=es.samples_per_prompt, temperature=ev.temperature, top_p=ev.top_p,
                                            max_tokens=ev.max_response_tokens or spec.loop.rl.max_response_tokens,
                                            seed=ev.seed, desc=f"rl eval {es.name}", engine=self.engine)
-            metrics = eval_metrics(samples, ev.k_list, None)
+            watch = role == "validation" and self.horizon is not None
+            ks = sorted({*ev.k_list, self.horizon.k}) if watch else ev.k_list
+            metrics = eval_metrics(samples, ks, None)
             row = {"step": steps_done, "set": es.name, "role": role, "n": metrics["n"],
-                   "avg_at_n": metrics["avg_at_n"], "pass_at_k": metrics["pass_at_k"],
+                   "avg_at_n": metrics["avg_at_n"],
+                   "pass_at_k": {str(k): metrics["pass_at_k"][str(k)] for k in ev.k_list},
                    "self_similarity": metrics["self_similarity"]}
-            if role == "validation" and self.horizon is not None:
-                from rloop.evaluate import pass_at_k_mean
-
-                counts = [(len(v), sum(v)) for v in _correct_by_prompt(samples).values()]
-                self.watched.append(pass_at_k_mean(counts, self.horizon.k))
+            if watch:
+                self.watched.append(metrics["pass_at_k"][str(self.horizon.k)])
                 row[f"pass_at_{self.horizon.k}_watched"] = self.watched[-1]
             out.append(row)
         self.rows += out
@@ -181,13 +181,6 @@ def _eval_mode(model):
         yield
     finally:
         model.train(was_training)
-
-
-def _correct_by_prompt(samples: list[dict]) -> dict[str, list[bool]]:
-    by_prompt: dict[str, list[bool]] = {}
-    for r in samples:
-        by_prompt.setdefault(r["prompt_id"], []).append(bool(r["correct"]))
-    return by_prompt
 
 
 def check_world(spec, processes: int) -> None:

@@ -39,7 +39,7 @@ def select_experts(pool: list[dict[str, Any]], cfg: FilterSpec) -> tuple[list[di
         if cfg.dedup:
             seen: dict[str, dict[str, Any]] = {}
             for r in cands:
-                seen.setdefault(r["response"].strip(), r)
+                seen.setdefault(_response_key(r), r)
             cands = list(seen.values())
         if len(cands) > cfg.max_per_prompt:
             cands = rng.sample(cands, cfg.max_per_prompt)
@@ -54,7 +54,7 @@ def select_experts(pool: list[dict[str, Any]], cfg: FilterSpec) -> tuple[list[di
         "expert_prompts": kept_prompts,
         "expert_trajectories": len(experts),
         "truncated_correct": sum(bool(r["correct"]) and r["finish_reason"] == "length" for r in pool),
-        "distinct_correct_responses": len({(r["prompt_id"], r["response"].strip()) for r in pool if r["correct"]}),
+        "distinct_correct_responses": len({_response_key(r) for r in pool if r["correct"]}),
     }
     if cfg.from_step:
         stats["window_trajectories"] = len(pool)
@@ -71,8 +71,13 @@ def accumulate(earlier: list[dict[str, Any]], new: list[dict[str, Any]], dedup: 
     is not added again. Pure."""
     if not dedup:
         return earlier + new
-    seen = {(r["prompt_id"], r["response"].strip()) for r in earlier}
-    return earlier + [r for r in new if (r["prompt_id"], r["response"].strip()) not in seen]
+    seen = {_response_key(r) for r in earlier}
+    return earlier + [r for r in new if _response_key(r) not in seen]
+
+
+def _response_key(row: dict[str, Any]) -> tuple[str, str]:
+    """What makes two expert rows the same answer: the prompt and the response text, trimmed."""
+    return row["prompt_id"], row["response"].strip()
 
 
 def run(ctx: StageContext) -> dict:
