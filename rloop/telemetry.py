@@ -12,19 +12,22 @@ import math
 import os
 from collections.abc import Mapping
 
+from rloop import metric_names as names
+from rloop.metric_names import PHASES
+
 log = logging.getLogger(__name__)
 
 ENV_PORT = "RLOOP_METRICS_PORT"
-PHASES = ("rollout", "verify", "advantage", "update", "sync")
+__all__ = ["ENV_PORT", "PHASES", "STEP_GAUGES", "StageTelemetry"]
 
 # metric name → (key in the RL step's metrics dict, help)
 STEP_GAUGES: dict[str, tuple[str, str]] = {
-    "rloop_train_step": ("step", "Index of the latest finished RL step."),
-    "rloop_train_reward": ("reward", "Mean reward of the latest RL step's samples."),
-    "rloop_train_pass_rate": ("pass_rate", "Fraction of the latest RL step's samples that were correct."),
-    "rloop_train_entropy": ("entropy", "Mean token entropy of the latest RL step's responses."),
-    "rloop_train_tokens_per_second": ("tokens_per_s", "Generated tokens per second over the whole RL step."),
-    "rloop_rollout_tokens_per_second": ("rollout_tokens_per_s", "Generated tokens per second in rollout."),
+    names.TRAIN_STEP: ("step", "Index of the latest finished RL step."),
+    names.TRAIN_REWARD: ("reward", "Mean reward of the latest RL step's samples."),
+    names.TRAIN_PASS_RATE: ("pass_rate", "Fraction of the latest RL step's samples that were correct."),
+    names.TRAIN_ENTROPY: ("entropy", "Mean token entropy of the latest RL step's responses."),
+    names.TRAIN_TOKENS_PER_SECOND: ("tokens_per_s", "Generated tokens per second over the whole RL step."),
+    names.ROLLOUT_TOKENS_PER_SECOND: ("rollout_tokens_per_s", "Generated tokens per second in rollout."),
 }
 
 
@@ -45,13 +48,13 @@ class StageTelemetry:
             for name, (_, doc) in STEP_GAUGES.items()
         }
         self._phase = Gauge(
-            "rloop_train_phase_seconds",
+            names.TRAIN_PHASE_SECONDS,
             "Seconds the latest RL step spent in each phase.",
             [*labels, "phase"],
             registry=self.registry,
         )
         self._steps = Counter(
-            "rloop_train_steps", "RL steps finished by this stage process.", list(labels), registry=self.registry
+            names.TRAIN_STEPS, "RL steps finished by this stage process.", list(labels), registry=self.registry
         ).labels(**labels)
         start_http_server(port, registry=self.registry)
         log.info("stage metrics on :%d/metrics", port)

@@ -140,6 +140,13 @@ def _env(run_name: str, namespace: str, spec: RLoopRunSpec) -> list[dict[str, An
     return env
 
 
+def _tracker_env_from(spec: RLoopRunSpec) -> list[dict[str, Any]]:
+    """Every key of the tracker Secrets (tracking.mlflow/wandb.secretRef: MLFLOW_TRACKING_USERNAME,
+    WANDB_API_KEY, ...) as environment variables of the stage container; `env` entries win over them.
+    Optional: a missing Secret makes the tracker warn and stay off, it never holds a stage back."""
+    return [{"secretRef": {"name": name, "optional": True}} for name in spec.tracking.secret_names()]
+
+
 def _distributed_env(kind: str, res: StageResources, job: str, service: str) -> list[dict[str, Any]]:
     """torchrun's topology for an rl or rft stage of more than one process (nodes x GPUs), else nothing.
 
@@ -234,6 +241,9 @@ def _pod_spec(
         },
         "volumeMounts": mounts,
     }
+    tracker_secrets = _tracker_env_from(spec)
+    if tracker_secrets:
+        container["envFrom"] = tracker_secrets
     pod: dict[str, Any] = {
         # Required by podFailurePolicy; retries are new Jobs (new attempts), never in-place restarts.
         "restartPolicy": "Never",

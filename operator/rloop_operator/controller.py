@@ -226,8 +226,8 @@ class Controller:
                 continue
             versions[job] = _version(created)
             parsed = parse_job_labels(body["metadata"].get("labels"))
-            kind = parsed[0].kind if parsed else "unknown"
-            self.metrics.stage_attempts.labels(namespace, name, kind).inc()
+            kind, attempt = (parsed[0].kind, parsed[1]) if parsed else ("unknown", 0)
+            self.metrics.stage_created(namespace, name, kind, attempt)
             log.info("%s/%s: created Job %s", namespace, name, job)
         if actions.create_jobs and not refused:
             self._refusals.pop(key, None)
@@ -283,6 +283,8 @@ class Controller:
         for view in actions.finished:
             if view.state == "Failed":
                 self.metrics.stage_failures.labels(namespace, name, view.stage.kind).inc()
+            if view.failure == "disrupted":
+                self.metrics.stage_disruptions.labels(namespace, name, view.stage.kind).inc()
             start, end = view.start_time, view.end_time
             if start and end:
                 t0, t1 = parse_time(start), parse_time(end)
@@ -298,6 +300,9 @@ class Controller:
         if actions.create_jobs and (activity is None or activity < now):
             activity = now
         done, total = actions.progress or (None, None)
+        # Figures of iterations whose Jobs are gone (TTL, deleted by hand) stay as last seen.
+        before = self.metrics.snapshot().get(key) or RunState()
+        per_iteration = actions.iteration_figures
         self.metrics.set_run(
             key,
             RunState(
@@ -312,6 +317,9 @@ class Controller:
                 eval_avg_at_n=figures.get("evalAvgAtN"),
                 eval_pass_at_k=figures.get("evalPassAtK"),
                 last_activity=activity.timestamp() if activity else None,
+                expert_trajectories={**before.expert_trajectories, **per_iteration.get("expert_trajectories", {})},
+                rft_loss_before={**before.rft_loss_before, **per_iteration.get("rft_loss_before", {})},
+                rft_loss={**before.rft_loss, **per_iteration.get("rft_loss", {})},
             ),
         )
 

@@ -319,8 +319,9 @@ def observe_jobs(
 
 
 JOB_NAME_LABELS = ("batch.kubernetes.io/job-name", "job-name")
-SUMMARY_KINDS = ("rl", "eval")
-"""Stage kinds whose succeeded summary the status uses (trainReward; evalAvgAtN, evalPassAtK)."""
+SUMMARY_KINDS = ("rl", "verify", "rft", "eval")
+"""Stage kinds whose succeeded summary the operator uses: trainReward, evalAvgAtN, evalPassAtK in the
+status; the expert-set size and RFT loss per iteration in its metrics."""
 
 
 def needs_message(view: JobView) -> bool:

@@ -1,7 +1,8 @@
 """Prometheus metrics of the operator (`rloop_` prefix, base units) and the /metrics + /healthz server.
 
-Label sets are bounded: namespace, run, stage (the stage *kind*: init, rl, rollout, verify, rft, eval)
-and condition. Per-run series are dropped when the run is deleted.
+Label sets are bounded: namespace, run, stage (the stage *kind*: init, rl, rollout, verify, rft, eval),
+condition and iteration (below spec.loop.iterations). Per-run series are dropped when the run is deleted.
+The names are `rloop.metric_names`' (shared with the stage pods and the Grafana dashboard).
 
 Per-run gauges are not set imperatively: a collector renders them at scrape time from the last
 observed state of each run (`RunState`), so a deleted run's series vanish with its entry.
@@ -28,6 +29,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from rloop import metric_names as names
 from rloop.plan import STAGE_KINDS
 from rloop_operator.conditions import CONDITION_TYPES
 
@@ -53,6 +55,12 @@ class RunState:
     eval_pass_at_k: float | None = None
     last_activity: float | None = None
     """Unix time a stage Job last was created, started or finished."""
+    expert_trajectories: dict[int, float] = field(default_factory=dict)
+    """Iteration → expert-set size its verify stage reported."""
+    rft_loss_before: dict[int, float] = field(default_factory=dict)
+    """Iteration → the RFT stage's mean NLL of the expert set before training."""
+    rft_loss: dict[int, float] = field(default_factory=dict)
+    """Iteration → the RFT stage's mean NLL of the expert set after training."""
 
 
 @dataclass
@@ -66,41 +74,65 @@ class OperatorMetrics:
         PlatformCollector(registry=r)
         self._lock = threading.Lock()
         self.stage_duration = Histogram(
-            "rloop_stage_duration_seconds",
+            names.STAGE_DURATION,
             "Wall time of finished stage Jobs (start to end), by outcome.",
             ["namespace", "stage", "outcome"],
             buckets=STAGE_DURATION_BUCKETS,
             registry=r,
         )
         self.stage_attempts = Counter(
-            "rloop_stage_attempts",
+            names.STAGE_ATTEMPTS,
             "Stage Jobs created (every attempt, retries included).",
             ["namespace", "run", "stage"],
             registry=r,
         )
         self.stage_failures = Counter(
-            "rloop_stage_failures",
+            names.STAGE_FAILURES,
             "Stage Jobs that failed.",
             ["namespace", "run", "stage"],
             registry=r,
         )
+        self.stage_retries = Counter(
+            names.STAGE_RETRIES,
+            "Stage Jobs created beyond a stage's first attempt (retries, restarts after an eviction, re-runs).",
+            ["namespace", "run", "stage"],
+            registry=r,
+        )
+        self.stage_disruptions = Counter(
+            names.STAGE_DISRUPTIONS,
+            "Stage Jobs that ended in an eviction or preemption (restarted at once, counted against "
+            "retry.disruptionLimit instead of retry.limit).",
+            ["namespace", "run", "stage"],
+            registry=r,
+        )
         self.reconcile_duration = Histogram(
-            "rloop_reconcile_duration_seconds",
+            names.RECONCILE_DURATION,
             "Wall time of one reconcile pass of one run (API calls included).",
             buckets=RECONCILE_BUCKETS,
             registry=r,
         )
         self.reconcile_errors = Counter(
-            "rloop_reconcile_errors", "Reconcile passes that raised (retried with backoff).", registry=r
+            names.RECONCILE_ERRORS, "Reconcile passes that raised (retried with backoff).", registry=r
         )
         self.leader = Gauge(
-            "rloop_operator_leader",
+            names.OPERATOR_LEADER,
             "1 while this replica holds the leader Lease and reconciles (also when leader election is "
             "off); 0 on a standby.",
             registry=r,
         )
         self.queue_depth: Callable[[], float] = lambda: 0.0
         r.register(_RunCollector(self))
+
+    def stage_created(self, namespace: str, run: str, kind: str, attempt: int) -> None:
+        """Count a created stage Job. Its run/stage series start at 0 here, so the first retry or
+        eviction is an increase that `increase()` sees, not a series appearing out of nowhere."""
+        labels = (namespace, run, kind)
+        self.stage_attempts.labels(*labels).inc()
+        self.stage_failures.labels(*labels)
+        self.stage_disruptions.labels(*labels)
+        retries = self.stage_retries.labels(*labels)
+        if attempt > 0:
+            retries.inc()
 
     def set_run(self, key: RunKey, state: RunState) -> None:
         with self._lock:
@@ -112,7 +144,7 @@ class OperatorMetrics:
             self.runs.pop(key, None)
         ns, name = key
         for kind in STAGE_KINDS:
-            for counter in (self.stage_attempts, self.stage_failures):
+            for counter in (self.stage_attempts, self.stage_failures, self.stage_retries, self.stage_disruptions):
                 with contextlib.suppress(KeyError):
                     counter.remove(ns, name, kind)
 
@@ -131,7 +163,7 @@ class _RunCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         runs = self._m.snapshot()
         by_condition = GaugeMetricFamily(
-            "rloop_runs",
+            names.RUNS,
             "RLoopRuns whose condition is True, by namespace and condition.",
             labels=["namespace", "condition"],
         )
@@ -144,23 +176,23 @@ class _RunCollector(Collector):
         yield by_condition
 
         gauges = {
-            "iteration": ("rloop_run_iteration", "Iteration of the run's current (or last) stage."),
-            "stages_committed": ("rloop_run_stages_committed", "Stages of the run committed so far."),
-            "stages_total": ("rloop_run_stages", "Stages in the run's plan."),
+            "iteration": (names.RUN_ITERATION, "Iteration of the run's current (or last) stage."),
+            "stages_committed": (names.RUN_STAGES_COMMITTED, "Stages of the run committed so far."),
+            "stages_total": (names.RUN_STAGES, "Stages in the run's plan."),
             "train_reward": (
-                "rloop_run_train_reward",
+                names.RUN_TRAIN_REWARD,
                 "Mean train reward over the last 10% of the latest RL stage.",
             ),
             "eval_avg_at_n": (
-                "rloop_run_eval_avg_at_n",
+                names.RUN_EVAL_AVG_AT_N,
                 "Held-out avg@n of the latest evaluation (first eval set).",
             ),
             "eval_pass_at_k": (
-                "rloop_run_eval_pass_at_k",
+                names.RUN_EVAL_PASS_AT_K,
                 "Held-out pass@k (largest k) of the latest evaluation.",
             ),
             "last_activity": (
-                "rloop_run_last_activity_timestamp_seconds",
+                names.RUN_LAST_ACTIVITY,
                 "Unix time a stage Job of the run was last created, started or finished.",
             ),
         }
@@ -169,12 +201,12 @@ class _RunCollector(Collector):
             for attr, (name, doc) in gauges.items()
         }
         condition = GaugeMetricFamily(
-            "rloop_run_condition",
+            names.RUN_CONDITION,
             "1 when the run's condition is True.",
             labels=["namespace", "run", "condition"],
         )
         stage = GaugeMetricFamily(
-            "rloop_run_stage_info",
+            names.RUN_STAGE_INFO,
             "The run's current stage (value 1; the stage id is a label).",
             labels=["namespace", "run", "stage"],
         )
@@ -190,9 +222,36 @@ class _RunCollector(Collector):
         yield from families.values()
         yield condition
         yield stage
+        yield from _per_iteration(runs)
         yield GaugeMetricFamily(
-            "rloop_workqueue_depth", "Runs waiting for a reconcile worker.", value=self._m.queue_depth()
+            names.WORKQUEUE_DEPTH, "Runs waiting for a reconcile worker.", value=self._m.queue_depth()
         )
+
+
+PER_ITERATION_GAUGES = {
+    "expert_trajectories": (
+        names.RUN_EXPERT_TRAJECTORIES,
+        "Size of the expert set the iteration's verify stage kept (trajectories).",
+    ),
+    "rft_loss_before": (
+        names.RUN_RFT_LOSS_BEFORE,
+        "Mean token NLL (nats) of the iteration's expert set under the RFT stage's initial policy.",
+    ),
+    "rft_loss": (
+        names.RUN_RFT_LOSS,
+        "Mean token NLL (nats) of the iteration's expert set after the RFT stage trained on it.",
+    ),
+}
+"""RunState attribute (iteration → value) → (metric name, help)."""
+
+
+def _per_iteration(runs: dict[RunKey, RunState]) -> Iterator[GaugeMetricFamily]:
+    for attr, (metric, doc) in PER_ITERATION_GAUGES.items():
+        family = GaugeMetricFamily(metric, doc, labels=["namespace", "run", "iteration"])
+        for (ns, name), state in sorted(runs.items()):
+            for iteration, value in sorted(getattr(state, attr).items()):
+                family.add_metric([ns, name, str(iteration)], float(value))
+        yield family
 
 
 # ------------------------------------------------------------------------------------------ server

@@ -104,6 +104,8 @@ class Actions:
     """(stages committed, stages in the plan); None when the spec is invalid."""
     last_activity: datetime | None = None
     """When a stage Job of the run last was created, started or finished (for "stuck" alerts)."""
+    iteration_figures: dict[str, dict[int, float]] = field(default_factory=dict)
+    """Per-iteration figures of the stage summaries (`iteration_figures`), for the operator's gauges."""
 
 
 @dataclass(frozen=True)
@@ -368,6 +370,30 @@ def run_metrics(spec: RLoopRunSpec, views: list[JobView]) -> dict[str, float]:
     return out
 
 
+ITERATION_FIGURES = {
+    "expert_trajectories": ("verify", "expert_trajectories"),
+    "rft_loss_before": ("rft", "nll_before"),
+    "rft_loss": ("rft", "nll_after"),
+}
+"""Figure → (stage kind, key of its succeeded summary): one value per iteration."""
+
+
+def iteration_figures(views: list[JobView]) -> dict[str, dict[int, float]]:
+    """Figure → iteration → value, from the latest succeeded attempt of each iteration's stage that
+    reported it (a re-run stage's newer summary wins)."""
+    out: dict[str, dict[int, float]] = {}
+    ok = sorted(
+        (v for v in views if v.state == "Succeeded" and v.summary and v.stage.iteration is not None),
+        key=lambda v: v.attempt,
+    )
+    for figure, (kind, key) in ITERATION_FIGURES.items():
+        for v in ok:
+            value = _number(v.summary.get(key)) if v.stage.kind == kind else None
+            if value is not None:
+                out.setdefault(figure, {})[v.stage.iteration] = value
+    return out
+
+
 def run_artifacts(spec: RLoopRunSpec, run_uri: str, committed: set[str]) -> dict[str, str]:
     """runUri, and latestPolicy: the policy of the last finished iteration (else P_0 once built)."""
     out = {"runUri": run_uri}
@@ -512,6 +538,7 @@ def _finish(
     actions.status_changed = actions.status != _owned(old)
     actions.finished = newly_finished(old, actions.status, views)
     actions.last_activity = last_activity(views)
+    actions.iteration_figures = iteration_figures(views)
     # Kubernetes caps an Event's message at 1 KiB.
     actions.events = [
         (t, r, m[:EVENT_MESSAGE_MAX]) for t, r, m in _events(old, actions.status, views, created, extra_events)

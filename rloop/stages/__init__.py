@@ -18,6 +18,7 @@ import sys
 import time
 import traceback
 
+from rloop import attempts
 from rloop.contracts import (
     ERROR_CORRUPT_INPUT,
     ERROR_INVALID_INPUT,
@@ -32,6 +33,7 @@ from rloop.plan import Stage
 from rloop.redact import redact_uris
 from rloop.stages.common import InputError, StageContext, write_termination_message
 from rloop.store import CorruptArtifact, Manifest, NotCommitted, StoreError, StoreUnavailable
+from rloop.tracking import StageTracker
 
 
 def _quiet_libraries() -> None:
@@ -41,8 +43,24 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # stages never download: policies come from the store
 
 
+OUTCOMES = {
+    EXIT_OK: "committed",
+    EXIT_INVALID_INPUT: "invalid input",
+    EXIT_STORE_UNAVAILABLE: "store unavailable",
+    EXIT_CORRUPT_INPUT: "corrupt input",
+    130: "interrupted",
+}
+"""What an attempt record (rloop.attempts) says of an exit code; any other code is "failed"."""
+
+
 def run_stage(run_uri: str, stage: Stage) -> int:
     """Run one stage in this process; returns the exit code (never raises for expected failures)."""
+    code = _run_stage(run_uri, stage)
+    attempts.finish(code, OUTCOMES.get(code, "failed"))
+    return code
+
+
+def _run_stage(run_uri: str, stage: Stage) -> int:
     t0 = time.time()
     _quiet_libraries()
     try:
@@ -53,8 +71,14 @@ def run_stage(run_uri: str, stage: Stage) -> int:
             write_termination_message({"stage": stage.id, **summary})
             print(f"rloop stage {stage.id}: already committed, nothing to do", file=sys.stderr)
             return EXIT_OK
+        if int(os.environ.get("RANK", "0")) == 0:  # one record per attempt, however many processes
+            attempts.begin(ctx.store, stage.id, started=t0)
+            ctx.tracker = StageTracker.open(ctx.run, stage, ctx.store.uri)  # rank 0 alone reports to trackers
         module = importlib.import_module(f"rloop.stages.{stage.kind}")
-        summary = module.run(ctx)
+        try:
+            summary = module.run(ctx)
+        finally:
+            ctx.tracker.close()  # tracker runs of an attempt that did not commit end as failed
     except InputError as err:
         _report_failure(stage, "invalid input", err, ERROR_INVALID_INPUT)
         return EXIT_INVALID_INPUT
@@ -77,6 +101,7 @@ def run_stage(run_uri: str, stage: Stage) -> int:
         return 1
     if int(os.environ.get("RANK", "0")) != 0:  # a worker of a multi-process stage: rank 0 reports
         return EXIT_OK
+    ctx.tracker.after_commit(ctx.store)
     summary = {"stage": stage.id, "seconds": round(time.time() - t0, 3), **summary,
                "manifest_sha256": _manifest_digest(ctx)}
     write_termination_message(summary)

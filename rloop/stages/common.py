@@ -8,7 +8,7 @@ import json
 import os
 import sys
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from rloop.prompts import PromptFormat, PromptFormatError
 from rloop.redact import redact_uris
 from rloop.spec import MAX_SPEC_JSON, DatasetSpec, RLoopRun, SpecError, parse_run
 from rloop.store import CorruptArtifact, MissingArtifact, NotCommitted, RunStore
+from rloop.tracking import NO_TRACKING, StageTracker
 
 
 class InputError(ValueError):
@@ -39,6 +40,8 @@ class StageContext:
     store: RunStore
     run: RLoopRun
     stage: Stage
+    tracker: StageTracker = field(default=NO_TRACKING)
+    """Experiment trackers of this attempt (`rloop.tracking`), set by `run_stage` on rank 0."""
 
     @classmethod
     def open(cls, run_uri: str, stage: Stage) -> StageContext:
@@ -59,6 +62,12 @@ class StageContext:
         if self.stage.iteration is None:
             raise InputError(f"stage {self.stage.kind} needs --iteration")
         return self.stage.iteration
+
+    def commit(self, writer, summary: dict[str, Any]):
+        """Commit the stage's output. The trackers get the summary first and put their files (TensorBoard
+        events, offline W&B runs) into the output, so they are in the manifest and a retry replaces them."""
+        self.tracker.before_commit(writer, summary)
+        return writer.commit(summary)
 
     # ------------------------------------------------------------------------------ inputs
     def input_manifest(self, stage_id: str):

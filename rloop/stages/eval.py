@@ -59,6 +59,6 @@ def run(ctx: StageContext) -> dict:
     with ctx.store.stage_writer(stage.id) as w:
         w.put_bytes("samples.parquet", parquet_bytes(rows))
         w.put_json("metrics.json", metrics)
-        w.commit(metrics)
+        ctx.commit(w, metrics)
     return metrics
 

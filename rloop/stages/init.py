@@ -13,8 +13,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from tqdm import tqdm
-
+from rloop.progress import Progress
 from rloop.stages.common import InputError, StageContext
 
 
@@ -30,14 +29,13 @@ def build_warm_tiny(cfg, out_dir: Path, progress: bool = True) -> dict:
     from rloop.train.sft import encode_pairs, sft_train
 
     model, tok = build_tiny(cfg)
-    bar = tqdm(total=cfg.warmup_steps, desc="warm-up", unit="step", disable=not progress, leave=False)
+    bar = Progress(cfg.warmup_steps, "warm-up", enabled=progress)
 
     def batch(step: int):
         return encode_pairs(tok, warmup_pairs(cfg.warmup_batch_size, seed=cfg.seed * 1_000_003 + step))
 
     def tick(step: int, loss: float) -> None:
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}")
+        bar.update(1, loss=loss)
 
     res = sft_train(model, batch, pad_id=tok.pad_token_id, steps=cfg.warmup_steps, batch_size=cfg.warmup_batch_size,
                     lr=cfg.warmup_lr, seed=cfg.seed, on_step=tick)
@@ -83,5 +81,5 @@ def run(ctx: StageContext) -> dict:
             save_policy(model, tok, Path(tmp) / "policy", ctx.spec.model.dtype)
             w.put_dir("policy", Path(tmp) / "policy")
             summary = {"parameters": sum(p.numel() for p in model.parameters())}
-        w.commit(summary)
+        ctx.commit(w, summary)
     return summary

@@ -10,10 +10,9 @@ import tempfile
 from contextlib import nullcontext
 from pathlib import Path
 
-from tqdm import tqdm
-
 from rloop.plan import rft_init_policy
 from rloop.pool import TOKEN_COLUMNS
+from rloop.progress import Progress
 from rloop.stages.common import InputError, StageContext
 
 
@@ -41,10 +40,10 @@ def run(ctx: StageContext) -> dict:
         steps = epochs_to_steps(len(pairs), cfg.batch_size, cfg.epochs, cfg.max_steps)
         optimizer = make_optimizer(model, lr=cfg.lr, weight_decay=0.0, max_grad_norm=1.0, dtype=dtype, world=world,
                                    distributed=spec.loop.distributed)
-        bar = tqdm(total=steps, desc=f"iter {k} rft", unit="step", leave=False, disable=not world.is_main)
+        bar = Progress(steps, f"iter {k} rft", enabled=world.is_main)
         res = sft_train(model, pairs, pad_id=pad, steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=k,
                         micro_batch_size=cfg.micro_batch_size, compute_dtype=dtype, optimizer=optimizer, world=world,
-                        on_step=lambda s, loss: (bar.update(1), bar.set_postfix(nll=f"{loss:.3f}")))
+                        on_step=lambda s, loss: bar.update(1, nll=loss))
         bar.close()
         summary |= {"steps": res.steps, "expert_tokens": sum(len(r) for _, r in pairs), "nll_before": nll_before}
     else:
@@ -62,6 +61,6 @@ def run(ctx: StageContext) -> dict:
             with ctx.store.stage_writer(ctx.stage.id) as w, tempfile.TemporaryDirectory() as tmp:
                 save_policy(whole, tok, Path(tmp) / "policy", dtype)
                 w.put_dir("policy", Path(tmp) / "policy")
-                w.commit(summary)
+                ctx.commit(w, summary)
     close_world(world)
     return summary if world.is_main else {"rank": world.rank}

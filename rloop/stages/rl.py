@@ -16,9 +16,8 @@ import tempfile
 from contextlib import closing, contextmanager, nullcontext
 from pathlib import Path
 
-from tqdm import tqdm
-
 from rloop.plan import policy_in
+from rloop.progress import Progress
 from rloop.stages.common import InputError, StageContext, load_dataset, make_scorer, parquet_bytes
 from rloop.stages.rollout import rollout_engine
 
@@ -54,14 +53,15 @@ def run(ctx: StageContext) -> dict:
     # Rank 0 alone writes: the pool and metrics of all processes, the policy, the commit manifest.
     writer = ctx.store.stage_writer(ctx.stage.id) if world.is_main else nullcontext()
     with writer as w, tempfile.TemporaryDirectory() as tmp, closing(engine):
-        bar = tqdm(range(cfg.steps), desc=f"iter {k} rl", unit="step", leave=False, disable=not world.is_main)
-        for step in bar:
+        bar = Progress(cfg.steps, f"iter {k} rl", enabled=world.is_main)
+        for step in range(cfg.steps):
             out = trainer.step(step, sampler.next(cfg.prompts_per_step), fmt.render, more=sampler.next)
             if world.is_main:
                 pool += out.trajectories
                 rows.append(out.metrics)
                 telemetry.observe_step(out.metrics)
-                bar.set_postfix(reward=f"{out.metrics['reward']:.3f}", ent=f"{out.metrics['entropy']:.2f}")
+                ctx.tracker.log_step(out.metrics)
+                bar.update(1, reward=out.metrics["reward"], ent=out.metrics["entropy"])
             if during and (step + 1) % spec.loop.eval.every_steps == 0:
                 during.at(step + 1)
                 stopped_early = world.all(during.horizon_reached(step + 1)) and step + 1 < cfg.steps
@@ -105,7 +105,7 @@ def run(ctx: StageContext) -> dict:
             summary |= during.latest()
         if world.size > 1:
             summary["processes"] = world.size
-        w.commit(summary)
+        ctx.commit(w, summary)
     close_world(world)
     return summary
 

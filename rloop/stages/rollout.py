@@ -3,9 +3,8 @@
 
 from __future__ import annotations
 
-from tqdm import tqdm
-
 from rloop.pool import trajectory_row
+from rloop.progress import Progress
 from rloop.stages.common import InputError, StageContext, load_dataset, make_scorer, parquet_bytes
 
 
@@ -46,8 +45,9 @@ def sample_and_score(ctx: StageContext, model, tok, examples, *, n: int, tempera
     score = make_scorer(ctx.spec)
     rows: list[dict] = []
     chunk = max(1, 256 // n)
+    bar = Progress(len(examples), desc, unit="prompt")
     try:
-        for i in tqdm(range(0, len(examples), chunk), desc=desc, unit="batch", leave=False):
+        for i in range(0, len(examples), chunk):
             batch = examples[i : i + chunk]
             results = engine.generate([fmt.render(e) for e in batch], SamplingParams(
                 n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=tuple(ctx.spec.loop.rl.stop),
@@ -56,7 +56,9 @@ def sample_and_score(ctx: StageContext, model, tok, examples, *, n: int, tempera
             scores = score([c.text for *_, c in flat], [e for e, *_ in flat])
             rows += [trajectory_row(e, r.prompt, r.prompt_token_ids, c, s, sample=j)
                      for (e, r, j, c), s in zip(flat, scores, strict=True)]
+            bar.update(len(batch))
     finally:
+        bar.close()
         if own_engine:
             engine.close()
     return rows
@@ -101,5 +103,5 @@ def run(ctx: StageContext) -> dict:
                "pass_rate": sum(r["correct"] for r in rows) / len(rows)}
     with ctx.store.stage_writer(ctx.stage.id) as w:
         w.put_bytes("samples.parquet", parquet_bytes(rows))
-        w.commit(summary)
+        ctx.commit(w, summary)
     return summary

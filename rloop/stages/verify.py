@@ -96,5 +96,5 @@ def run(ctx: StageContext) -> dict:
     with ctx.store.stage_writer(ctx.stage.id) as w:
         w.put_bytes("expert.parquet", parquet_bytes(experts))
         w.put_json("stats.json", stats)
-        w.commit(stats)
+        ctx.commit(w, stats)
     return stats

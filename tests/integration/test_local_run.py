@@ -213,6 +213,13 @@ def test_full_rloop_run_commits_every_stage(full_runs, store_root):
     for row in ("| P_0 (base) |", "| iter 0 |", "| iter 1 |"):
         assert row in out, out
     assert f"report: {store.uri}/report/report.md" in out
+    assert f"report (HTML): {store.uri}/report/report.html" in out and (report / "report.html").is_file()
+    # stderr is a pipe, not a terminal: plain progress lines (the first update and the end), no bar
+    err = a["proc"].stderr
+    for line in ("iter 0 rl: 1/4 steps (25%) reward=", "iter 1 rl: 4/4 steps (100%) reward=",
+                 "iter 0 rft: 4/4 steps (100%) nll=", "eval iter-001 heldout: 16/16 prompts (100%)"):
+        assert line in err, explain(a["proc"])
+    assert "\r" not in err and "\x1b[" not in err
 
 
 def test_rl_mode_runs_only_rl_and_eval(full_runs, store_root):
@@ -271,7 +278,8 @@ def test_report_compares_two_runs(full_runs, env):
     md.unlink()
     proc = rloop("report", a["dir"], b["dir"], env=env)
     assert proc.returncode == 0, explain(proc)
-    assert proc.stdout.strip().endswith("report/report.md")
+    md_line, html_line = proc.stdout.strip().splitlines()[-2:]
+    assert md_line.endswith("report/report.md") and html_line.endswith("report/report.html"), proc.stdout
     text = md.read_text()
     assert "# RLoop report: small, small-rl" in text
     assert "## small (mode `rloop`" in text and "## small-rl (mode `rl`" in text
@@ -329,15 +337,31 @@ def test_evals_during_rl_adaptive_horizon_and_accumulated_experts(full_runs, wor
 
 # ------------------------------------------------------------------------------------------ 5. status
 def test_status_prints_done_total_next(full_runs, env):
-    proc = rloop("status", full_runs["A"]["dir"], env=env)
+    proc = rloop("status", full_runs["A"]["dir"], "--json", env=env)
     assert proc.returncode == 0, explain(proc)
     st = json.loads(proc.stdout)
     assert (st["done"], st["total"], st["next"], st["finished"], st["mode"]) == (10, 10, [], True, "rloop")
     assert set(st["stages"].values()) == {"committed"}
+    # every stage process recorded its attempt: one each, with a wall time
+    assert {a["attempts"] for a in st["attempts"].values()} == {1}
+    assert all(a["seconds"] > 0 for a in st["attempts"].values())
+    # the table: one row per stage with state, attempts, duration and its headline figures
+    table = rloop("status", full_runs["A"]["dir"], env=env).stdout
+    rows = {line.split()[0]: line.split() for line in table.splitlines()[table.splitlines().index(
+        next(line for line in table.splitlines() if line.startswith("STAGE"))) + 1:]}
+    assert set(rows) == set(st["stages"]) and all(r[1:3] == ["Succeeded", "1"] for r in rows.values())
+    assert rows["iter-000/verify"][4].startswith("experts=") and rows["iter-001/rft"][4].startswith("nll=")
+    assert "State:   Succeeded, 10/10 stages committed" in table
     # by manifest file, with the store from the manifest's storage.uri / --store
-    proc = rloop("status", full_runs["B"]["cfg"], "--store", full_runs["B"]["dir"].parent.parent, env=env)
+    proc = rloop("status", full_runs["B"]["cfg"], "--store", full_runs["B"]["dir"].parent.parent, "--json", env=env)
     assert proc.returncode == 0, explain(proc)
     assert json.loads(proc.stdout)["total"] == 6
+    # `rloop runs` lists both, with their state and the latest held-out pass@k
+    runs = rloop("runs", "--store", full_runs["A"]["dir"].parent.parent, env=env)
+    assert runs.returncode == 0, explain(runs)
+    listed = {line.split()[1]: line for line in runs.stdout.splitlines()[1:]}
+    a_name = full_runs["A"]["dir"].name
+    assert "Succeeded" in listed[a_name] and "10/10" in listed[a_name] and "(pass@" in listed[a_name]
 
 
 # ------------------------------------------------------------------------------------------ 2. resume
@@ -348,6 +372,9 @@ def test_sigkill_mid_stage_then_resume_redoes_nothing(work, store_root, env):
     runner = start_run(cfg, store_root, env, work / "resume-1")
     try:
         child = wait_for(lambda: stage_child(runner, "rl"), 120, "the iter-000/rl stage to start", runner)
+        # the stage has recorded its attempt (rloop.attempts) before it loads anything
+        wait_for(lambda: list((run_dir / "_attempts" / "iter-000" / "rl").glob("*.json")), 60,
+                 "the iter-000/rl attempt record", runner)
         before = manifests(run_dir)
         runner.send_signal(signal.SIGKILL)
         runner.wait(timeout=10)
@@ -360,8 +387,10 @@ def test_sigkill_mid_stage_then_resume_redoes_nothing(work, store_root, env):
     assert set(before) == {"base/init", "base/eval/heldout"}
     assert not (run_dir / "iter-000/rl" / MANIFEST).exists()
 
-    st = json.loads(rloop("status", run_dir, env=env).stdout)
+    st = json.loads(rloop("status", run_dir, "--json", env=env).stdout)
     assert (st["done"], st["total"], st["next"], st["finished"]) == (2, 4, ["iter-000/rl"], False)
+    # the killed stage's attempt record has no end and its process is gone
+    assert st["attempts"]["iter-000/rl"]["state"] == "Lost" and st["state"] == "Pending"
 
     proc = rloop("run", cfg, "--store", store_root, "--no-report", env=env)
     assert proc.returncode == 0, explain(proc)
@@ -567,9 +596,10 @@ def test_run_against_s3(seaweedfs, s3_env, work, monkeypatch):
     for sid in found:
         store.validate(sid, deep=True)
 
-    st = rloop("status", f"{root}/default/s3run", env=s3_env, timeout=60)
+    st = rloop("status", f"{root}/default/s3run", "--json", env=s3_env, timeout=60)
     assert st.returncode == 0, explain(st)
     assert json.loads(st.stdout)["finished"] is True
+    assert json.loads(st.stdout)["attempts"]["iter-000/rl"]["attempts"] == 1  # recorded in the bucket too
 
 
 def test_s3_wrong_credentials_fail_with_a_clear_message(seaweedfs, s3_env, work):

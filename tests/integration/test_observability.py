@@ -2,9 +2,10 @@
 Prometheus (Debian's package) that scrapes the real operator (`kopf run -m rloop_operator`, against the
 API emulator) and a real stage metrics endpoint (`rloop.telemetry`), must return data.
 
-Runs are chosen so that every alert has something to say: `good` succeeds (stage Jobs are a shell
-command writing a stage summary as the termination message), `bad` has an invalid spec, `flaky`
-fails every attempt, `stuck` never finishes, and `apierr` lives in a namespace where the API answers
+Runs are chosen so that every alert and panel has something to say: `good` succeeds (stage Jobs are
+a shell command writing a stage summary as the termination message: reward, expert set, RFT loss,
+eval), `bad` has an invalid spec, `flaky` fails every attempt (retries), `stuck` never finishes and
+its first pod is evicted once (a disruption), and `apierr` lives in a namespace where the API answers
 500 to Job creations (reconcile errors). The operator is stopped last, for RLoopOperatorDown.
 `promtool check rules` checks the rendered PrometheusRule first.
 """
@@ -20,9 +21,11 @@ import pytest
 import yaml
 from helm_python import chart as helm
 
+from rloop.dashboard import all_panels
+from rloop.metric_names import PHASES
 from rloop.telemetry import StageTelemetry
 from tests.helpers import small_doc
-from tests.k8s.apiserver import RLOOPRUNS, start
+from tests.k8s.apiserver import JOBS, RLOOPRUNS, start
 from tests.k8s.kubelet import Kubelet
 from tests.k8s.operator import OperatorProcess, wait_for
 from tests.promharness import Prometheus, ScrapeTarget, promtool_check_rules, require_prometheus
@@ -36,6 +39,7 @@ RELEASE_NS = "rloop-system"
 OPERATOR_JOB = "rloop-operator"  # the chart's Service name for release "rloop": the ServiceMonitor's job
 NS, FAULTY = "obs", "obs-faulty"
 GRAFANA_VARS = {"$namespace": ".*", "$run": ".*", "$job": ".*", "$__rate_interval": "30s"}
+EXPERTS, NLL_BEFORE, NLL_AFTER = 12, 1.75, 0.5
 
 
 def fake_stage(argv: list[str], container: dict[str, Any], job: dict[str, Any]) -> list[str]:
@@ -49,6 +53,10 @@ def fake_stage(argv: list[str], container: dict[str, Any], job: dict[str, Any]) 
     summary: dict[str, Any] = {"stage": stage.replace(".", "/")}
     if stage.endswith(".rl"):
         summary["train_reward_last10pct"] = 0.625
+    if stage.endswith(".verify"):
+        summary["expert_trajectories"] = EXPERTS
+    if stage.endswith(".rft"):
+        summary |= {"expert_trajectories": EXPERTS, "nll_before": NLL_BEFORE, "nll_after": NLL_AFTER}
     if ".eval." in stage:
         summary |= {"avg_at_n": 0.4, "pass_at_k": {"1": 0.4, "4": 0.8}}
     return ["sh", "-c", 'printf %s "$1" > "$RLOOP_TERMINATION_LOG"', "sh", json.dumps(summary)]
@@ -75,9 +83,10 @@ def rendered_rules(tmp: Path) -> tuple[Path, list[dict[str, Any]]]:
 
 
 def dashboard_queries() -> list[tuple[str, str]]:
+    """(panel title, expr) of every target in the committed dashboard, rows' panels included."""
     board = json.loads((CHART / "files" / "dashboard.json").read_text())
     out = []
-    for panel in board["panels"]:
+    for panel in all_panels(board):
         for target in panel["targets"]:
             expr = target["expr"]
             for var, value in GRAFANA_VARS.items():
@@ -85,6 +94,13 @@ def dashboard_queries() -> list[tuple[str, str]]:
             assert "$" not in expr, f"unsubstituted Grafana variable in {panel['title']}: {expr}"
             out.append((panel["title"], expr))
     return out
+
+
+def _has_data(prom: Prometheus, expr: str) -> bool:
+    try:
+        return bool(prom.wait_for_data(expr, timeout=30))
+    except TimeoutError:
+        return False
 
 
 def test_dashboard_and_alert_queries_return_data(tmp_path: Path) -> None:
@@ -113,9 +129,8 @@ def test_dashboard_and_alert_queries_return_data(tmp_path: Path) -> None:
                 "entropy": 1.2,
                 "tokens_per_s": 900.0,
                 "rollout_tokens_per_s": 2400.0,
-                "time_rollout_s": 0.3,
-                "time_update_s": 0.1,
             }
+            | {f"time_{phase}_s": 0.1 * (i + 1) for i, phase in enumerate(PHASES)}
         )
     prom = Prometheus.start(
         [
@@ -149,15 +164,26 @@ def test_dashboard_and_alert_queries_return_data(tmp_path: Path) -> None:
                 for c in (run.get("status") or {}).get("conditions") or []
             )
 
+        # A drained node: the stuck run's first pod is evicted (once it runs), and the stage restarts.
+        kubelet.evict("stuck-b-init-a0", NS)
+        wait_for(lambda: server.get(JOBS, NS, "stuck-b-init-a1"), 60, "stuck: restart after eviction", operator)
         wait_for(lambda: condition("good", NS, "Succeeded"), 120, "run good to succeed", operator)
         wait_for(lambda: condition("apierr", FAULTY, "Succeeded"), 120, "run apierr to succeed", operator)
         wait_for(lambda: condition("bad", NS, "Failed"), 30, "run bad to fail", operator)
         assert condition("stuck", NS, "Progressing")
 
-        # Every dashboard query returns data.
-        for title, expr in dashboard_queries():
-            samples = prom.wait_for_data(expr, timeout=30)
-            assert samples, f"{title}: {expr}"
+        # Every dashboard query returns data (all of them are tried, then the empty ones are named).
+        empty = [(title, expr) for title, expr in dashboard_queries() if not _has_data(prom, expr)]
+        assert not empty, f"dashboard queries without data: {empty}"
+        good = f'namespace="{NS}", run="good"'
+        assert float(prom.query(f'rloop_run_expert_trajectories{{{good}, iteration="0"}}')[0]["value"][1]) == EXPERTS
+        assert float(prom.query(f'rloop_run_rft_loss_before{{{good}, iteration="0"}}')[0]["value"][1]) == NLL_BEFORE
+        assert float(prom.query(f'rloop_run_rft_loss{{{good}, iteration="0"}}')[0]["value"][1]) == NLL_AFTER
+        stuck = f'namespace="{NS}", run="stuck", stage="init"'
+        assert float(prom.query(f"rloop_stage_disruptions_total{{{stuck}}}")[0]["value"][1]) == 1
+        assert float(prom.query(f"rloop_stage_retries_total{{{stuck}}}")[0]["value"][1]) == 1
+        phases = {s["metric"]["phase"] for s in prom.query('rloop_train_phase_seconds{run="good"}')}
+        assert phases == set(PHASES)
         good_reward = prom.query(f'rloop_run_train_reward{{namespace="{NS}", run="good"}}')
         assert float(good_reward[0]["value"][1]) == 0.625
         assert float(prom.query('rloop_train_reward{run="good"}')[0]["value"][1]) == 0.625

@@ -4,7 +4,6 @@ the accumulated expert set, and the report's RL-step accounting and vanilla-RL r
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import pytest
@@ -17,6 +16,7 @@ from rloop.spec import FilterSpec, SpecError, parse_run
 from rloop.stages.verify import accumulate, select_experts
 from rloop.store import RunStore
 from tests.helpers import deep_merge
+from tests.report_fixtures import finished_run
 
 BASE_SPEC: dict[str, Any] = {
     "model": {"base": "builtin:tiny"},
@@ -165,39 +165,9 @@ def test_accumulate_adds_only_new_distinct_experts():
 
 
 # ------------------------------------------------------------------------------------------ report
-def _commit(store: RunStore, stage_id: str, summary: dict, files: dict[str, bytes] | None = None) -> None:
-    with store.stage_writer(stage_id) as w:
-        for rel, data in (files or {}).items():
-            w.put_bytes(rel, data)
-        w.commit(summary)
-
-
-def _jsonl(rows: list[dict]) -> bytes:
-    return "".join(json.dumps(r) + "\n" for r in rows).encode()
-
-
-def _eval_summary(avg: float, pass16: float) -> dict:
-    return {"avg_at_n": avg, "n": 16, "pass_at_k": {"1": avg, "16": pass16}, "forgetting_rate": None}
-
-
 def _fake_run(root, name: str, mode: str, steps_run: list[int]) -> RunStore:
-    """A run's committed manifests as the stages would leave them (no model needed)."""
-    store = RunStore(str(root), "default", name)
-    spec = deep_merge(BASE_SPEC, {"mode": mode, "loop": {"iterations": len(steps_run), "rl": {"steps": 6}}})
-    store.write_spec({"apiVersion": "rloop.dev/v1alpha1", "kind": "RLoopRun", "metadata": {"name": name}, "spec": spec})
-    _commit(store, "base/init", {})
-    _commit(store, "base/eval/heldout", _eval_summary(0.4, 0.9))
-    for k, steps in enumerate(steps_run):
-        metrics = [{"step": s, "reward": 0.1 * s} for s in range(steps)]
-        evals = [{"step": s, "set": "heldout", "role": "test", "avg_at_n": 0.4, "pass_at_k": {"16": 0.9}}
-                 for s in (0, steps)]
-        _commit(store, f"iter-{k:03d}/rl", {"steps": steps, "train_reward_last10pct": 0.5},
-                {"metrics.jsonl": _jsonl(metrics), "evals.jsonl": _jsonl(evals)})
-        if mode == "rloop":
-            _commit(store, f"iter-{k:03d}/verify", {"expert_trajectories": 10})
-            _commit(store, f"iter-{k:03d}/rft", {})
-        _commit(store, f"iter-{k:03d}/eval/heldout", _eval_summary(0.5 + 0.01 * k, 0.8))
-    return store
+    """A run's committed manifests as the stages would leave them (no model needed); spec budget 6 steps."""
+    return finished_run(root, name, mode, tuple(steps_run), rl_steps=6)
 
 
 def test_report_counts_rl_steps_as_they_ran(tmp_path):

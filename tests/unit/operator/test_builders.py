@@ -281,3 +281,25 @@ def test_pure_and_json_serialisable():
     assert json.loads(json.dumps(a)) == a
     a["metadata"]["labels"]["x"] = "y"  # no shared mutable state between calls
     assert "x" not in job_for(spec)["metadata"]["labels"]
+
+
+def test_tracker_secrets_reach_every_stage_pod_as_env_from():
+    tracking = {"mlflow": {"uri": "http://mlflow.mlflow:5000", "secretRef": {"name": "mlflow-creds"}},
+                "wandb": {"project": "rloop", "secretRef": {"name": "wandb-key"}}}
+    spec = spec_of(tracking=tracking)
+    import kubernetes_validate
+
+    kubernetes_validate.validate(job_for(spec), "1.31", strict=True)  # envFrom where the Job schema has it
+    for stage in all_stages(spec):
+        c = container(job_for(spec, stage))
+        assert c["envFrom"] == [{"secretRef": {"name": "mlflow-creds", "optional": True}},
+                                {"secretRef": {"name": "wandb-key", "optional": True}}], stage.id
+        assert not any(k.startswith(("MLFLOW_", "WANDB_")) for k in env_of(job_for(spec, stage)))
+    one = spec_of(tracking={"mlflow": {"uri": "http://m:5000", "secretRef": {"name": "shared"}},
+                            "wandb": {"project": "p", "secretRef": {"name": "shared"}}})
+    assert container(job_for(one))["envFrom"] == [{"secretRef": {"name": "shared", "optional": True}}]
+
+
+def test_no_env_from_without_tracker_secrets():
+    assert "envFrom" not in container(job_for(spec_of()))
+    assert "envFrom" not in container(job_for(spec_of(tracking={"tensorboard": {}, "mlflow": {"uri": "http://m"}})))

@@ -95,9 +95,10 @@ def view(kind: str, state: str) -> JobView:
 
 
 @pytest.mark.parametrize("kind", STAGE_KINDS)
-def test_needs_message_for_failures_and_succeeded_rl_and_eval_only(kind: str) -> None:
+def test_needs_message_for_failures_and_succeeded_stages_with_figures_only(kind: str) -> None:
     assert needs_message(view(kind, "Failed"))
-    assert needs_message(view(kind, "Succeeded")) == (kind in ("rl", "eval"))
+    # rl, eval: the status' figures; verify, rft: the per-iteration gauges (expert set, RFT loss).
+    assert needs_message(view(kind, "Succeeded")) == (kind in ("rl", "verify", "rft", "eval"))
     assert not needs_message(view(kind, "Running")) and not needs_message(view(kind, "Pending"))
 
 
