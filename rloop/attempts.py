@@ -17,6 +17,7 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -79,26 +80,32 @@ class AttemptRecord:
         self.store = store
         self.attempt = Attempt(stage_id, started or time.time(), socket.gethostname(), os.getpid())
         self.rel = f"{ATTEMPTS_DIR}/{stage_id}/{int(self.attempt.started * 1000):013d}-{self.attempt.host}-{self.attempt.pid}.json"
-        self._last_progress_write = 0.0
+        self._last_progress_write = -PROGRESS_WRITE_SECONDS
+        self._writer: threading.Thread | None = None
         self._warned = False
 
     def start(self) -> None:
         self._write()
 
     def progress(self, line: str) -> None:
-        """Keep the latest progress line; write it at most every PROGRESS_WRITE_SECONDS."""
+        """Keep the latest progress line; write it at most every PROGRESS_WRITE_SECONDS, off the stage's
+        thread (a store that is down may take a client's retries to answer; the training loop never waits)."""
         self.attempt.progress = line
         now = time.monotonic()
-        if now - self._last_progress_write >= PROGRESS_WRITE_SECONDS:
+        busy = self._writer is not None and self._writer.is_alive()
+        if now - self._last_progress_write >= PROGRESS_WRITE_SECONDS and not busy:
             self._last_progress_write = now
-            self._write()
+            self._writer = threading.Thread(target=self._write, name="rloop-attempt-progress", daemon=True)
+            self._writer.start()
 
     def end(self, exit_code: int, outcome: str) -> None:
+        if self._writer is not None:  # a progress write still in flight must not land after the end
+            self._writer.join(timeout=10)
         self.attempt.ended, self.attempt.exit_code, self.attempt.outcome = time.time(), exit_code, outcome
         self._write()
 
     def _write(self) -> None:
-        data = json.dumps(asdict(self.attempt), sort_keys=True).encode()
+        data = json.dumps(asdict(self.attempt), sort_keys=True).encode()  # a snapshot: the dict is copied
         try:  # one try, no retry window: see the module docstring
             self.store._write(self.store.path(self.rel), data)
         except Exception as err:  # any store client error; the stage's own work decides its exit code

@@ -80,10 +80,11 @@ def test_terminal_gets_a_bar_and_disabled_prints_nothing(monkeypatch):
 def test_the_attempt_record_gets_the_latest_line(tmp_path, monkeypatch):
     monkeypatch.setenv("RLOOP_PROGRESS_SECONDS", "0")
     store = RunStore(str(tmp_path), "default", "r")
-    attempts.begin(store, "iter-000/rl")
+    record = attempts.begin(store, "iter-000/rl")
     try:
         with Progress(2, "iter 0 rl", stream=io.StringIO()) as bar:
             bar.update(1, reward=0.25)
+            record._writer.join(timeout=10)  # progress is written off the training thread
         (seen,) = attempts.read_attempts(store)["iter-000/rl"]
         assert seen.progress.startswith("iter 0 rl: 1/2 steps (50%) reward=0.250") and not seen.finished
     finally:
@@ -91,3 +92,30 @@ def test_the_attempt_record_gets_the_latest_line(tmp_path, monkeypatch):
     (done,) = attempts.read_attempts(store)["iter-000/rl"]
     assert done.finished and done.exit_code == 0 and done.outcome == "committed"
     assert done.progress.startswith("iter 0 rl: 1/2 steps")  # what it showed last
+
+
+def test_a_store_that_hangs_never_holds_up_the_loop(tmp_path, monkeypatch):
+    """Progress writes run off the training thread: a write that blocks (a store whose client is still
+    retrying) costs the loop nothing, and the next progress write is skipped while it is in flight."""
+    import threading
+    import time
+
+    store = RunStore(str(tmp_path), "default", "r")
+    record = attempts.AttemptRecord(store, "iter-000/rl")
+    release = threading.Event()
+    calls = []
+
+    def blocking_write(path, data):
+        calls.append(path)
+        release.wait(timeout=10)
+
+    monkeypatch.setattr(store, "_write", blocking_write)
+    monkeypatch.setattr(attempts, "PROGRESS_WRITE_SECONDS", 0.0)
+    t0 = time.monotonic()
+    record.progress("a")
+    record.progress("b")  # the first write is still blocked: not a second one
+    assert time.monotonic() - t0 < 1.0
+    assert len(calls) <= 1
+    release.set()
+    record._writer.join(timeout=10)
+    assert len(calls) == 1 and not record._writer.is_alive()  # "b" was skipped, not queued
