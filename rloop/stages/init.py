@@ -16,10 +16,23 @@ from pathlib import Path
 from rloop.progress import Progress
 from rloop.stages.common import InputError, StageContext
 
+BUILD_SOURCES = ("rloop/stages/init.py", "rloop/policy.py", "rloop/data/synthetic.py", "rloop/train/sft.py")
+"""The code that builds and warms up the tiny model: its bytes are part of the cache key."""
+
+
+def build_fingerprint(root: Path = Path(__file__).resolve().parents[2], sources=BUILD_SOURCES) -> str:
+    """sha256 over the code that makes a warmed-up tiny model. A cached model built by other code (an
+    older rloop whose warm-up data or initialisation differed) is then never mistaken for this one's."""
+    h = hashlib.sha256()
+    for rel in sources:
+        h.update(rel.encode() + b"\0" + (root / rel).read_bytes() + b"\0")
+    return h.hexdigest()
+
 
 def _tiny_cache_key(ctx: StageContext) -> str:
     cfg = ctx.spec.model.tiny.to_wire()
-    return "tiny-" + hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
+    key = json.dumps({"tiny": cfg, "code": build_fingerprint()}, sort_keys=True)
+    return "tiny-" + hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
 def build_warm_tiny(cfg, out_dir: Path, progress: bool = True) -> dict:
