@@ -57,8 +57,8 @@ def run_status(store: RunStore) -> RunStatus:
     run = parse_run(store.read_spec())
     spec = run.spec
     stages = all_stages(spec)
-    committed = store.committed([s.id for s in stages])
-    summaries = {sid: store.validate(sid, deep=False).summary for sid in committed}
+    summaries = {sid: m.summary for sid, m in store.committed_manifests([s.id for s in stages]).items()}
+    committed = set(summaries)
     attempts = read_attempts(store)
     p = plan(spec, committed)
     ready = {s.id for s in p.ready}

@@ -327,14 +327,25 @@ class RunStore:
 
     def committed(self, candidates: list[str] | None = None) -> set[str]:
         """Ids of committed stages (manifest present and sizes match)."""
+        return set(self.committed_manifests(candidates))
+
+    def committed_manifests(self, candidates: list[str] | None = None) -> dict[str, Manifest]:
+        """The validated (sizes, not hashes) manifest of every committed stage, by id: for readers that
+        want the summaries too, with each manifest read once."""
         try:
             found = self.call(self.fs.glob, f"{self.base}/**/{MANIFEST}")
         except FileNotFoundError:
-            return set()
+            return {}
         ids = {p.removeprefix(self.base + "/").rsplit("/", 1)[0] for p in found}
         if candidates is not None:
             ids &= set(candidates)
-        return {i for i in ids if self.is_committed(i)}
+        out = {}
+        for stage_id in sorted(ids):
+            try:
+                out[stage_id] = self.validate(stage_id, deep=False)
+            except CorruptArtifact:
+                continue
+        return out
 
     # ------------------------------------------------------------------------------ writing
     @contextmanager
